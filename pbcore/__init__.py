@@ -1,0 +1,68 @@
+"""pbcore: Perspective Broker for modern Python.
+
+A Sans-IO implementation of Twisted's PB protocol (Banana bytes, Jelly
+serialization) that speaks to ``twisted.spread.pb`` byte for byte.
+"""
+
+from __future__ import annotations
+
+from .banana import DEFAULT_LIMITS, Decoder, Encoder, Limits
+from .errors import (
+    BananaError,
+    DeadReferenceError,
+    Error,
+    InsecureJelly,
+    JellyError,
+    NoSuchMethod,
+    NotJellyable,
+    PBConnectionLost,
+    ProtocolError,
+    RemoteError,
+)
+from .jelly import (
+    Jellyable,
+    SecurityOptions,
+    Unjellyable,
+    globalSecurity,
+    setUnjellyableFactoryForClass,
+    setUnjellyableForClass,
+    setUnjellyableForClassTree,
+)
+
+#: The copy-tag registry under PB's names (see :mod:`pbcore.jelly`).
+setCopierForClass = setUnjellyableForClass
+setCopierForClassTree = setUnjellyableForClassTree
+setFactoryForClass = setUnjellyableFactoryForClass
+
+#: The TCP port PB servers listen on by convention.
+portno = 8787
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "BananaError",
+    "DeadReferenceError",
+    "Decoder",
+    "Encoder",
+    "Error",
+    "InsecureJelly",
+    "JellyError",
+    "Jellyable",
+    "Limits",
+    "NoSuchMethod",
+    "NotJellyable",
+    "PBConnectionLost",
+    "ProtocolError",
+    "RemoteError",
+    "SecurityOptions",
+    "Unjellyable",
+    "globalSecurity",
+    "portno",
+    "setCopierForClass",
+    "setCopierForClassTree",
+    "setFactoryForClass",
+    "setUnjellyableFactoryForClass",
+    "setUnjellyableForClass",
+    "setUnjellyableForClassTree",
+]

@@ -1,0 +1,467 @@
+"""Banana: the byte encoding of s-expressions that PB runs on.
+
+An s-expression is a list (of s-expressions), an int, a float or a byte
+string. Each item on the wire is a base-128 little-endian *prefix* (the
+length, or the value, 7 bits a byte, high bit clear) followed by one *type
+byte* with the high bit set::
+
+    0x80 list       prefix = number of items, the items follow
+    0x81 int        prefix = value            (0 <= v < 2**31)
+    0x82 bytes      prefix = length, the bytes follow
+    0x83 negative   prefix = -value           (-2**31 <= v < 0)
+    0x84 float      no prefix; 8 bytes of big-endian IEEE double follow
+    0x85 long int   prefix = value            (v >= 2**31)
+    0x86 long neg   prefix = -value           (v < -2**31)
+    0x87 vocabulary prefix = index into VOCABULARY (``pb`` dialect only)
+
+The :class:`Decoder` is incremental and its cost is linear in the input
+whatever the chunking: it keeps its place in the stream rather than
+re-scanning, so a byte-at-a-time feed costs the same per byte as one big feed.
+Every limit in :class:`Limits` is checked against the *claimed* size before
+anything is read into memory for it.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TypeAlias
+
+import attrs
+
+from .errors import BananaError
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DIALECTS",
+    "VOCABULARY",
+    "Decoder",
+    "Encoder",
+    "Limits",
+    "Sexp",
+    "b128_to_int",
+    "decode",
+    "encode",
+    "int_to_b128",
+]
+
+#: An s-expression as Banana carries it. Tuples are accepted when encoding and
+#: sent as lists; decoding always gives lists.
+Sexp: TypeAlias = "list[Sexp] | tuple[Sexp, ...] | int | float | bytes"
+
+LIST: Final = 0x80
+INT: Final = 0x81
+STRING: Final = 0x82
+NEG: Final = 0x83
+FLOAT: Final = 0x84
+LONGINT: Final = 0x85
+LONGNEG: Final = 0x86
+VOCAB: Final = 0x87
+
+#: The dialects a server offers, in order of preference.
+DIALECTS: Final = (b"pb", b"none")
+
+#: The ``pb`` dialect's abbreviations: these byte strings travel as one index.
+VOCABULARY: Final[dict[bytes, int]] = {
+    word: index
+    for index, word in enumerate(
+        [
+            b"None", b"class", b"dereference", b"reference", b"dictionary",
+            b"function", b"instance", b"list", b"module", b"persistent",
+            b"tuple", b"unpersistable", b"copy", b"cache", b"cached",
+            b"remote", b"local", b"lcache", b"version", b"login",
+            b"password", b"challenge", b"logged_in", b"not_logged_in",
+            b"cachemessage", b"message", b"answer", b"error", b"decref",
+            b"decache", b"uncache",
+        ],
+        start=1,
+    )
+}
+_WORDS: Final[dict[int, bytes]] = {index: word for word, index in VOCABULARY.items()}
+
+_MAX_DEPTH_CEILING: Final = 400  # the encoder and jelly recurse; stay clear of Python's limit
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1, not {value}")
+
+
+def _depth(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 1 <= value <= _MAX_DEPTH_CEILING:
+        raise ValueError(f"max_depth must be between 1 and {_MAX_DEPTH_CEILING}, not {value}")
+
+
+@attrs.frozen
+class Limits:
+    """What one connection's decoder will accept.
+
+    ``prefix_limit`` and ``size_limit`` are Twisted's (64 bytes of prefix, so
+    ints below 2**448 in magnitude; 640 KiB for one list or byte string).
+    ``max_depth`` and ``max_expression_bytes`` are pbcore's own: Twisted has no
+    bound on nesting or on a whole expression, so a peer could exhaust the
+    stack or the memory. The memory one expression can take once decoded is a
+    small multiple of ``max_expression_bytes`` (about 30x at worst, for a
+    stream of empty lists).
+    """
+
+    prefix_limit: int = attrs.field(default=64, validator=_positive)
+    size_limit: int = attrs.field(default=640 * 1024, validator=_positive)
+    max_depth: int = attrs.field(default=100, validator=_depth)
+    max_expression_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+def int_to_b128(value: int) -> bytes:
+    """Encode a non-negative int as a base-128 little-endian prefix."""
+    if value < 0:
+        raise ValueError("a Banana prefix is never negative")
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F)
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def b128_to_int(prefix: bytes | bytearray | memoryview) -> int:
+    """Decode a base-128 little-endian prefix (high bits are expected clear)."""
+    value = 0
+    for shift, byte in enumerate(prefix):
+        value |= byte << (7 * shift)
+    return value
+
+
+# Headers for small numbers, computed once: most items on the wire use them.
+_TABLE_SIZE: Final = 4096
+_INT_HEAD: Final = [int_to_b128(i) + b"\x81" for i in range(_TABLE_SIZE)]
+_NEG_HEAD: Final = [int_to_b128(i) + b"\x83" for i in range(_TABLE_SIZE)]
+_STR_HEAD: Final = [int_to_b128(i) + b"\x82" for i in range(_TABLE_SIZE)]
+_LIST_HEAD: Final = [int_to_b128(i) + b"\x80" for i in range(_TABLE_SIZE)]
+_VOCAB_ITEMS: Final = {word: int_to_b128(i) + b"\x87" for word, i in VOCABULARY.items()}
+_pack_double = struct.Struct(">d").pack
+_unpack_double = struct.Struct(">d").unpack_from
+
+
+def _check_dialect(dialect: bytes) -> bytes:
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown Banana dialect {dialect!r}; expected one of {DIALECTS}")
+    return dialect
+
+
+class Encoder:
+    """Encodes s-expressions for one dialect and one set of limits.
+
+    Refuses (with :class:`BananaError`) what a Twisted peer would refuse to
+    send: lists and byte strings over ``size_limit``, ints of more than
+    ``prefix_limit`` base-128 digits. Also refuses nesting deeper than
+    ``max_depth``, which is how a cyclic list is caught.
+    """
+
+    def __init__(self, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> None:
+        self.dialect = _check_dialect(dialect)
+        self.limits = limits
+        self._encode_into = _build_encoder(_VOCAB_ITEMS if dialect == b"pb" else {}, limits)
+
+    def encode(self, sexp: Sexp) -> bytes:
+        """Return the bytes for one s-expression."""
+        out = bytearray()
+        self._encode_into(sexp, out, 0)
+        return bytes(out)
+
+    def encode_into(self, sexp: Sexp, out: bytearray) -> None:
+        """Append the bytes for one s-expression to *out*."""
+        self._encode_into(sexp, out, 0)
+
+
+def _build_encoder(vocab: dict[bytes, bytes], limits: Limits) -> Callable[[Any, bytearray, int], None]:
+    size_limit = limits.size_limit
+    max_depth = limits.max_depth
+    long_limit = 2 ** (7 * limits.prefix_limit)
+    int_head, neg_head, str_head, list_head = _INT_HEAD, _NEG_HEAD, _STR_HEAD, _LIST_HEAD
+    table_size = _TABLE_SIZE
+    pack_double = _pack_double
+
+    def encode_int(value: int, out: bytearray) -> None:
+        if value >= 0:
+            if value < table_size:
+                out += int_head[value]
+                return
+            if value >= long_limit:
+                raise BananaError(f"cannot encode int {value}: over the {limits.prefix_limit}-byte prefix limit")
+            out += int_to_b128(value)
+            out.append(INT if value < 2**31 else LONGINT)
+        else:
+            magnitude = -value
+            if magnitude < table_size:
+                out += neg_head[magnitude]
+                return
+            if magnitude >= long_limit:
+                raise BananaError(f"cannot encode int {value}: over the {limits.prefix_limit}-byte prefix limit")
+            out += int_to_b128(magnitude)
+            out.append(NEG if magnitude <= 2**31 else LONGNEG)
+
+    def encode_bytes(value: bytes, out: bytearray) -> None:
+        n = len(value)
+        if n > size_limit:
+            raise BananaError(f"cannot encode a byte string of {n} bytes: over the size limit of {size_limit}")
+        out += int_to_b128(n)
+        out.append(STRING)
+        out += value
+
+    def encode(obj: Any, out: bytearray, depth: int) -> None:  # Any: the checks are dynamic
+        kind = type(obj)
+        if kind is bytes:
+            word = vocab.get(obj)
+            if word is not None:
+                out += word
+            elif len(obj) < table_size:
+                out += str_head[len(obj)]
+                out += obj
+            else:
+                encode_bytes(obj, out)
+        elif kind is list or kind is tuple:
+            n = len(obj)
+            if depth >= max_depth:
+                raise BananaError(f"cannot encode: lists nested deeper than {max_depth} (or a cycle)")
+            if n < table_size:
+                out += list_head[n]
+            elif n > size_limit:
+                raise BananaError(f"cannot encode a list of {n} items: over the size limit of {size_limit}")
+            else:
+                out += int_to_b128(n)
+                out.append(LIST)
+            depth += 1
+            for item in obj:
+                kind = type(item)
+                # The two commonest items are inlined; the rest recurse.
+                if kind is int and 0 <= item < table_size:
+                    out += int_head[item]
+                elif kind is bytes and item not in vocab and len(item) < table_size:
+                    out += str_head[len(item)]
+                    out += item
+                else:
+                    encode(item, out, depth)
+        elif kind is int:
+            encode_int(obj, out)
+        elif kind is float:
+            out.append(FLOAT)
+            out += pack_double(obj)
+        elif isinstance(obj, bool):
+            encode_int(int(obj), out)
+        else:
+            # Subclasses of the four types go the slow way, as their base type.
+            for base in (bytes, int, float):
+                if isinstance(obj, base):
+                    encode(base(obj), out, depth)  # type: ignore[arg-type]
+                    return
+            if isinstance(obj, (list, tuple)):
+                encode(list(obj), out, depth)
+                return
+            raise BananaError(f"Banana cannot encode {type(obj).__qualname__} objects: {obj!r:.80}")
+
+    return encode
+
+
+_ENCODERS: dict[tuple[bytes, Limits], Encoder] = {}
+
+
+def encode(sexp: Sexp, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Encode one s-expression (shorthand for :meth:`Encoder.encode`)."""
+    encoder = _ENCODERS.get((dialect, limits))
+    if encoder is None:
+        encoder = _ENCODERS[dialect, limits] = Encoder(dialect, limits)
+    return encoder.encode(sexp)
+
+
+class Decoder:
+    """Turns a byte stream, in any chunking, into complete s-expressions.
+
+    Usage::
+
+        decoder = Decoder()
+        decoder.feed(data)
+        while (expression := decoder.next_expression()) is not None:
+            ...
+
+    Expressions are handed out one at a time so that a caller can change
+    :attr:`dialect` between two of them (PB's handshake does). After a
+    :class:`BananaError` the stream is unusable: every later call raises again.
+    """
+
+    def __init__(self, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> None:
+        self.dialect = _check_dialect(dialect)
+        self.limits = limits
+        self._buf = bytearray()
+        self._pos = 0  # where parsing resumes, within _buf
+        self._base = 0  # stream offset of _buf[0]
+        self._expr_start = 0  # stream offset where the current expression began
+        self._need = 0  # bytes needed past _pos before parsing can progress
+        self._lists: list[list[Sexp]] = []  # the open lists, outermost first
+        self._lengths: list[int] = []  # and the length each one claimed
+        self._failed: BananaError | None = None
+        prefix_limit = limits.prefix_limit
+        self._header = re.compile(b"[\\x00-\\x7f]{0,%d}[\\x80-\\xff]" % prefix_limit)
+
+    @property
+    def offset(self) -> int:
+        """How many bytes of the stream have been consumed into expressions."""
+        return self._base + self._pos
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes have been fed but not yet made into a complete item."""
+        return len(self._buf) - self._pos
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no expression is partly received."""
+        return not self._lists and self._pos == len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes received from the peer."""
+        if self._failed is not None:
+            raise self._failed
+        self._buf += data
+
+    def __iter__(self) -> Iterator[Sexp]:
+        """Yield every expression that the bytes fed so far complete."""
+        while (expression := self.next_expression()) is not None:
+            yield expression
+
+    def next_expression(self) -> Sexp | None:
+        """Return the next complete expression, or None if more bytes are needed."""
+        if self._failed is not None:
+            raise self._failed
+        buf = self._buf
+        end = len(buf)
+        pos = self._pos
+        if end - pos < self._need:
+            return None
+        try:
+            result, pos = self._parse(buf, pos, end)
+        except BananaError as error:
+            self._failed = error
+            raise
+        # Reclaim consumed bytes only when that is cheap relative to what was
+        # consumed, so the cost stays linear however the input is chunked.
+        if pos == len(buf):
+            self._base += pos
+            buf.clear()
+            pos = 0
+        elif pos > 65536 and pos * 2 > len(buf):
+            self._base += pos
+            del buf[:pos]
+            pos = 0
+        self._pos = pos
+        return result
+
+    def _fail(self, pos: int, message: str) -> BananaError:
+        return BananaError(f"{message} (at byte {self._base + pos} of the stream)")
+
+    def _parse(self, buf: bytearray, pos: int, end: int) -> tuple[Sexp | None, int]:
+        limits = self.limits
+        size_limit = limits.size_limit
+        max_depth = limits.max_depth
+        max_bytes = limits.max_expression_bytes
+        lists = self._lists
+        lengths = self._lengths
+        pb = self.dialect == b"pb"
+        base = self._base
+        if not lists:
+            self._expr_start = base + pos
+        expr_start = self._expr_start - base  # may be negative after compaction
+        self._need = 0
+        while pos < end:
+            start = pos
+            first = buf[pos]
+            if first & 0x80:
+                kind = first
+                num = 0
+                pos += 1
+            elif pos + 1 < end and buf[pos + 1] & 0x80:
+                kind = buf[pos + 1]
+                num = first
+                pos += 2
+            else:
+                match = self._header.match(buf, pos)
+                if match is None:
+                    if end - pos > limits.prefix_limit:
+                        raise self._fail(start, f"prefix longer than the limit of {limits.prefix_limit} bytes")
+                    self._need = end - pos + 1
+                    return None, start
+                pos = match.end()
+                kind = buf[pos - 1]
+                num = b128_to_int(buf[start : pos - 1])
+
+            item: Sexp
+            if kind == LIST:
+                if num > size_limit:
+                    raise self._fail(start, f"list of {num} items is over the size limit of {size_limit}")
+                if num:
+                    if len(lists) >= max_depth:
+                        raise self._fail(start, f"lists nested deeper than the limit of {max_depth}")
+                    lists.append([])
+                    lengths.append(num)
+                    if pos - expr_start > max_bytes:
+                        raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
+                    continue
+                item = []
+            elif kind == STRING:
+                if num > size_limit:
+                    raise self._fail(start, f"byte string of {num} bytes is over the size limit of {size_limit}")
+                stop = pos + num
+                if stop - expr_start > max_bytes:
+                    raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
+                if stop > end:
+                    self._need = stop - start
+                    return None, start
+                item = bytes(buf[pos:stop])
+                pos = stop
+            elif kind in (INT, LONGINT):
+                item = num
+            elif kind in (NEG, LONGNEG):
+                item = -num
+            elif kind == FLOAT:
+                if pos + 8 > end:
+                    self._need = pos + 8 - start
+                    return None, start
+                item = _unpack_double(buf, pos)[0]
+                pos += 8
+            elif kind == VOCAB:
+                if not pb:
+                    raise self._fail(start, "vocabulary item outside the pb dialect")
+                word = _WORDS.get(num)
+                if word is None:
+                    raise self._fail(start, f"unknown vocabulary index {num}")
+                item = word
+            else:
+                raise self._fail(start, f"unknown type byte 0x{kind:02x}")
+
+            if pos - expr_start > max_bytes:
+                raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
+            # Put the item in its list; a list that is now full is itself an item.
+            while lists:
+                current = lists[-1]
+                current.append(item)
+                if len(current) < lengths[-1]:
+                    break
+                lists.pop()
+                lengths.pop()
+                item = current
+            else:
+                return item, pos
+        return None, pos
+
+
+def decode(data: bytes, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> list[Sexp]:
+    """Decode every expression in *data*, which must end on an expression boundary."""
+    decoder = Decoder(dialect, limits)
+    decoder.feed(data)
+    expressions = list(decoder)
+    if not decoder.at_boundary:
+        raise BananaError(f"stream ends inside an expression ({decoder.buffered} bytes left over)")
+    return expressions

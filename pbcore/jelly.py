@@ -1,0 +1,838 @@
+"""Jelly: Python values <-> s-expressions, as Twisted's ``twisted.spread.jelly``.
+
+The forms (the first item of a list names its type)::
+
+    None                 [b"None"]
+    True / False         [b"boolean", b"true" | b"false"]
+    int, float, bytes    themselves
+    str                  [b"unicode", <utf-8 bytes>]
+    list / tuple         [b"list", item, ...] / [b"tuple", item, ...]
+    dict                 [b"dictionary", [key, value], ...]
+    set / frozenset      [b"set", item, ...] / [b"frozenset", item, ...]
+    datetime             [b"datetime", b"Y M D h m s us"]   (also date, time, timedelta)
+    Decimal              [b"decimal", digits_as_int, exponent]
+    registered classes   [copy_tag, state]
+
+A container met a second time (or met again inside itself) is sent once: its
+first occurrence becomes ``[b"reference", n, <form>]`` and later ones
+``[b"dereference", n]``, so shared and cyclic structures arrive shared and
+cyclic.
+
+Safety: module, class, function and method forms are never unjellied, and no
+name from the wire is ever imported. An instance arrives only as a copy tag
+registered with :func:`setUnjellyableForClass` (or its factory and tree
+variants), or as a class explicitly allowed with
+:meth:`SecurityOptions.allowInstancesOf`. Everything else is
+:class:`~pbcore.errors.InsecureJelly` or :class:`~pbcore.errors.JellyError`.
+
+Extension points for the layers above (jelly knows nothing about PB):
+
+* an object with a ``jellyFor(jellier)`` method (see :class:`Jellyable`)
+  serializes itself and sees ``jellier.invoker``;
+* a registered class with an ``unjellyFor(unjellier, expression)`` method
+  builds itself and sees ``unjellier.invoker``;
+* :class:`Unjellier` takes *handlers*, protocol-level forms (the broker's
+  ``remote``, ``local``, ``cached`` ...) that take precedence over the registry.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import types
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol
+
+from .banana import DEFAULT_LIMITS, Limits, Sexp
+from .errors import BananaError, InsecureJelly, JellyError, NotJellyable
+
+__all__ = [
+    "Jellier",
+    "Jellyable",
+    "SecurityOptions",
+    "Unjellier",
+    "Unjellyable",
+    "Unpersistable",
+    "globalSecurity",
+    "jelly",
+    "qual",
+    "setUnjellyableFactoryForClass",
+    "setUnjellyableForClass",
+    "setUnjellyableForClassTree",
+    "unjelly",
+    "unjellyableFactoryRegistry",
+    "unjellyableRegistry",
+]
+
+#: A handler for one form: called with the unjellier and the whole expression.
+Handler = Callable[["Unjellier", list[Any]], Any]
+
+
+def qual(cls: type) -> str:
+    """The fully qualified name of a class, as Twisted writes it: ``module.QualName``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _tag(name: str | bytes | type) -> bytes:
+    if isinstance(name, type):
+        name = qual(name)
+    if isinstance(name, str):
+        name = name.encode("utf-8")
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Security
+
+
+class SecurityOptions:
+    """Which forms, modules and classes may be unjellied.
+
+    A new instance allows only the atoms (None, bool, str, numbers, dates,
+    decimal, set, frozenset). :meth:`allowBasicTypes` adds the containers and
+    references; :data:`globalSecurity`, the default everywhere, has them.
+    Any dotted name (a copy tag) passes the type check; whether it can be
+    built depends on the copy-tag registry.
+    """
+
+    basicTypes: Final = [
+        "dictionary", "list", "tuple", "reference", "dereference",
+        "unpersistable", "persistent", "long_int", "long", "dict",
+    ]
+
+    def __init__(self) -> None:
+        self.allowedTypes: dict[bytes, int] = dict.fromkeys(
+            [
+                b"None", b"bool", b"boolean", b"string", b"str", b"int",
+                b"float", b"datetime", b"time", b"date", b"timedelta",
+                b"NoneType", b"unicode", b"decimal", b"set", b"frozenset",
+            ],
+            1,
+        )
+        self.allowedModules: dict[bytes, int] = {}
+        self.allowedClasses: dict[type, int] = {}
+
+    def allowBasicTypes(self) -> None:
+        """Allow the containers (list, tuple, dict) and shared references."""
+        self.allowTypes(*self.basicTypes)
+
+    def allowTypes(self, *types: str | bytes | type) -> None:
+        """Allow forms by name (or copy tags by class)."""
+        for name in types:
+            self.allowedTypes[_tag(name)] = 1
+
+    def allowInstancesOf(self, *classes: type) -> None:
+        """Allow plain instances of these classes, sent as ``[qualname, state]``.
+
+        The class is found in this list by its name; it is never imported.
+        """
+        self.allowBasicTypes()
+        self.allowTypes("instance", "class", "classobj", "module")
+        for cls in classes:
+            self.allowTypes(qual(cls))
+            self.allowModules(cls.__module__)
+            self.allowedClasses[cls] = 1
+
+    def allowModules(self, *modules: str | bytes | types.ModuleType) -> None:
+        """Record modules as allowed. (pbcore never imports a module from the wire.)"""
+        for module in modules:
+            name = module.__name__ if isinstance(module, types.ModuleType) else module
+            self.allowedModules[_tag(name)] = 1
+
+    def isModuleAllowed(self, moduleName: str | bytes) -> bool:
+        """Whether the module was allowed with :meth:`allowModules`."""
+        return _tag(moduleName) in self.allowedModules
+
+    def isClassAllowed(self, klass: type) -> bool:
+        """Whether plain instances of *klass* may travel."""
+        return klass in self.allowedClasses
+
+    def isTypeAllowed(self, typeName: str | bytes) -> bool:
+        """Whether the form named *typeName* may be unjellied."""
+        name = _tag(typeName)
+        return name in self.allowedTypes or b"." in name
+
+
+#: The options used when none are given: atoms, containers and copy tags.
+globalSecurity: Final = SecurityOptions()
+globalSecurity.allowBasicTypes()
+
+
+# ---------------------------------------------------------------------------
+# The copy-tag registry
+
+#: Copy tag -> the local class that represents it (or a handler function).
+unjellyableRegistry: dict[bytes, Any] = {}
+#: Copy tag -> a factory called with the unjellied state.
+unjellyableFactoryRegistry: dict[bytes, Callable[[Any], Any]] = {}
+
+
+def setUnjellyableForClass(classname: str | bytes | type, unjellyable: Any) -> None:
+    """Make *unjellyable* (a class) the local representation of copy tag *classname*.
+
+    A class with ``unjellyFor(unjellier, expression)`` builds itself; any other
+    class gets a blank instance whose ``__setstate__`` (or ``__dict__``)
+    receives the state. *classname* may be a class, whose qualified name is
+    used, or any tag string a peer sends.
+    """
+    tag = _tag(classname)
+    unjellyableRegistry[tag] = unjellyable
+    globalSecurity.allowTypes(tag)
+
+
+def setUnjellyableFactoryForClass(classname: str | bytes | type, copyFactory: Callable[[Any], Any]) -> None:
+    """Build instances of copy tag *classname* by calling ``copyFactory(state)``."""
+    tag = _tag(classname)
+    unjellyableFactoryRegistry[tag] = copyFactory
+    globalSecurity.allowTypes(tag)
+
+
+def setUnjellyableForClassTree(module: types.ModuleType, baseClass: type, prefix: str | None = None) -> None:
+    """Register every subclass of *baseClass* found in *module*.
+
+    Each is registered under ``prefix + "." + class name``; *prefix* defaults
+    to the module's name, and ``""`` registers bare class names.
+    """
+    if prefix is None:
+        prefix = module.__name__
+    if prefix:
+        prefix = prefix + "."
+    for name in dir(module):
+        candidate = getattr(module, name)
+        if isinstance(candidate, type) and issubclass(candidate, baseClass):
+            setUnjellyableForClass(f"{prefix}{name}", candidate)
+
+
+class Unpersistable:
+    """Stands in for something the peer could not serialize; says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Unpersistable({self.reason!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unpersistable) and other.reason == self.reason
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------
+# Self-serializing objects
+
+
+class _JellyHook(Protocol):
+    def jellyFor(self, jellier: Jellier) -> Any: ...
+
+
+class Jellyable:
+    """Inherit from me to serialize yourself as ``[qualname, getStateFor(jellier)]``."""
+
+    def getStateFor(self, jellier: Jellier) -> Any:
+        """The state to send; by default the instance ``__dict__``."""
+        return self.__dict__
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        """Return this object's s-expression (shared references handled by *jellier*)."""
+        sexp = jellier.prepare(self)
+        sexp.extend([qual(type(self)).encode("utf-8"), jellier.jelly(self.getStateFor(jellier))])
+        return jellier.preserve(self, sexp)
+
+
+class Unjellyable:
+    """Inherit from me to rebuild yourself from ``[tag, state]`` with :meth:`setStateFor`."""
+
+    def setStateFor(self, unjellier: Unjellier, state: Any) -> None:
+        """Take the unjellied state; by default it becomes the instance ``__dict__``."""
+        self.__dict__ = state
+
+    def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> Any:
+        """Rebuild from the expression ``[tag, state]``; return the object."""
+        if len(jellyList) != 2:
+            raise JellyError(f"expected [tag, state], got {len(jellyList)} items")
+        self.setStateFor(unjellier, unjellier.unjelly(jellyList[1]))
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Serializing
+
+class Jellier:
+    """The state of one serialization: which containers were seen, and the invoker.
+
+    Use :func:`jelly`; :class:`Jellyable` implementations call :meth:`prepare`,
+    :meth:`jelly` and :meth:`preserve`.
+    """
+
+    def __init__(
+        self,
+        taster: SecurityOptions = globalSecurity,
+        invoker: Any = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.taster = taster
+        self.invoker = invoker
+        self._max_depth = limits.max_depth
+        self._depth = 0
+        # id -> the expression of a container already serialized (or a
+        # placeholder while it is being serialized).
+        self._preserved: dict[int, list[Any]] = {}
+        # id -> [b"dereference", n] once the container has a reference number.
+        self._cooked: dict[int, list[Any]] = {}
+        # Keeps every tracked object alive so that no id() is reused meanwhile
+        # (getStateFor may return temporary objects).
+        self._alive: list[object] = []
+        self._next_ref = 1
+
+    def prepare(self, obj: object) -> list[Any]:
+        """Start serializing a container: returns a fresh list for its expression."""
+        self._preserved[id(obj)] = []
+        self._alive.append(obj)
+        return []
+
+    def preserve(self, obj: object, sexp: list[Any]) -> list[Any]:
+        """Finish serializing a container; returns the expression to use."""
+        oid = id(obj)
+        if oid in self._cooked:
+            # Referenced from inside itself: the placeholder became
+            # [reference, n, placeholder-copy]; fill in the real expression.
+            placeholder = self._preserved[oid]
+            placeholder[2] = sexp
+            return placeholder
+        self._preserved[oid] = sexp
+        return sexp
+
+    def _seen(self, obj: object) -> list[Any] | None:
+        """The dereference to use if *obj* was met before, else None."""
+        oid = id(obj)
+        cooked = self._cooked.get(oid)
+        if cooked is not None:
+            return cooked
+        earlier = self._preserved.get(oid)
+        if earlier is None:
+            return None
+        # Second meeting: give the first expression a number, in place, so
+        # that whoever holds it now holds [reference, n, expression].
+        ref = self._next_ref
+        self._next_ref += 1
+        earlier[:] = [b"reference", ref, earlier[:]]
+        cooked = self._cooked[oid] = [b"dereference", ref]
+        return cooked
+
+    def jelly(self, obj: Any) -> Any:
+        """Return the s-expression for *obj*."""
+        kind = type(obj)
+        if kind is int or kind is bytes or kind is float:
+            return obj
+        if kind is str:
+            return [b"unicode", obj.encode("utf-8")]
+        if kind is list or kind is dict or kind is tuple:
+            return self._container(obj, kind)
+        if obj is None:
+            return [b"None"]
+        if kind is bool:
+            return [b"boolean", b"true" if obj else b"false"]
+        if kind is set or kind is frozenset:
+            return self._container(obj, kind)
+        simple = _SIMPLE_JELLIERS.get(kind)
+        if simple is not None:
+            return simple(obj)
+        hook = getattr(kind, "jellyFor", None)
+        if hook is not None:
+            again = self._seen(obj)
+            if again is not None:
+                return again
+            self._enter()
+            try:
+                return hook(obj, self)
+            finally:
+                self._depth -= 1
+        if self.taster.isClassAllowed(kind):
+            again = self._seen(obj)
+            if again is not None:
+                return again
+            self._enter()
+            try:
+                sexp = self.prepare(obj)
+                state = obj.__getstate__() if hasattr(obj, "__getstate__") else obj.__dict__
+                sexp.extend([qual(kind).encode("utf-8"), self.jelly(state)])
+                return self.preserve(obj, sexp)
+            finally:
+                self._depth -= 1
+        raise NotJellyable(
+            f"cannot jelly {qual(kind)} object {obj!r:.60}: send built-in types, "
+            "or make the class Copyable/Jellyable, or allow it with SecurityOptions.allowInstancesOf"
+        )
+
+    def _enter(self) -> None:
+        self._depth += 1
+        if self._depth > self._max_depth:
+            self._depth -= 1
+            raise BananaError(f"cannot jelly: values nested deeper than the limit of {self._max_depth}")
+
+    def _container(self, obj: Any, kind: type) -> list[Any]:
+        again = self._seen(obj)
+        if again is not None:
+            return again
+        self._enter()
+        try:
+            self._preserved[id(obj)] = []
+            self._alive.append(obj)
+            jelly = self.jelly
+            if kind is dict:
+                sexp: list[Any] = [b"dictionary"]
+                append = sexp.append
+                for key, value in obj.items():
+                    append([jelly(key), jelly(value)])
+            else:
+                sexp = [_CONTAINER_ATOMS[kind]]
+                sexp.extend([jelly(item) for item in obj])
+        finally:
+            self._depth -= 1
+        return self.preserve(obj, sexp)
+
+
+_CONTAINER_ATOMS: Final[dict[type, bytes]] = {
+    list: b"list", tuple: b"tuple", set: b"set", frozenset: b"frozenset",
+}
+
+
+def _jelly_datetime(value: datetime.datetime) -> list[Any]:
+    if value.tzinfo is not None:
+        raise NotJellyable("cannot jelly a datetime with a tzinfo (Twisted's jelly has no form for it)")
+    fields = (value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond)
+    return [b"datetime", " ".join(map(str, fields)).encode()]
+
+
+def _jelly_time(value: datetime.time) -> list[Any]:
+    if value.tzinfo is not None:
+        raise NotJellyable("cannot jelly a time with a tzinfo (Twisted's jelly has no form for it)")
+    return [b"time", f"{value.hour} {value.minute} {value.second} {value.microsecond}".encode()]
+
+
+def _jelly_date(value: datetime.date) -> list[Any]:
+    return [b"date", f"{value.year} {value.month} {value.day}".encode()]
+
+
+def _jelly_timedelta(value: datetime.timedelta) -> list[Any]:
+    return [b"timedelta", f"{value.days} {value.seconds} {value.microseconds}".encode()]
+
+
+def _jelly_decimal(value: decimal.Decimal) -> list[Any]:
+    sign, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int):
+        raise NotJellyable(f"cannot jelly Decimal {value}: jelly has no form for NaN or infinity")
+    magnitude = int("".join(map(str, digits))) if digits else 0
+    return [b"decimal", -magnitude if sign else magnitude, exponent]
+
+
+_SIMPLE_JELLIERS: Final[dict[type, Callable[[Any], list[Any]]]] = {
+    datetime.datetime: _jelly_datetime,
+    datetime.date: _jelly_date,
+    datetime.time: _jelly_time,
+    datetime.timedelta: _jelly_timedelta,
+    decimal.Decimal: _jelly_decimal,
+    Unpersistable: lambda value: [b"unpersistable", str(value.reason).encode("utf-8")],
+}
+
+
+def jelly(
+    obj: Any,
+    taster: SecurityOptions = globalSecurity,
+    *,
+    invoker: Any = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Sexp:
+    """Serialize *obj* to an s-expression (see the module docstring for the forms).
+
+    Raises :class:`~pbcore.errors.NotJellyable` for a value that has no form.
+    """
+    return Jellier(taster, invoker, limits).jelly(obj)
+
+
+# ---------------------------------------------------------------------------
+# Unserializing
+
+
+class _Hole:
+    """A value referred to before it exists: a tuple or frozenset on a cycle.
+
+    Tuples and frozensets cannot be built before their items, so a
+    ``dereference`` to one from inside itself gets a hole; whoever receives
+    the hole registers a callback that patches the real value in later.
+    """
+
+    __slots__ = ("callbacks",)
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[Any], None]] = []
+
+    def fill(self, value: Any) -> None:
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback(value)
+
+
+def _shape(expression: list[Any], size: int) -> None:
+    if len(expression) != size:
+        raise JellyError(f"{expression[0]!r} form needs {size - 1} item(s), got {len(expression) - 1}")
+
+
+def _text(expression: list[Any], size: int = 2) -> str:
+    _shape(expression, size)
+    raw = expression[1]
+    if type(raw) is not bytes:
+        raise JellyError(f"{expression[0]!r} form needs a byte string, got {type(raw).__name__}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise JellyError(f"{expression[0]!r} form is not valid UTF-8: {error}") from None
+
+
+def _numbers(expression: list[Any], count: int) -> list[int]:
+    text = _text(expression)
+    fields = text.split(" ")
+    if len(fields) != count or not all(field.lstrip("-").isdigit() and len(field) < 20 for field in fields):
+        raise JellyError(f"{expression[0]!r} form needs {count} integers, got {text[:60]!r}")
+    return [int(field) for field in fields]
+
+
+class Unjellier:
+    """The state of one unserialization: references seen so far, invoker, handlers.
+
+    Use :func:`unjelly`. ``unjellyFor`` implementations call :meth:`unjelly`
+    for the parts of their expression and may read :attr:`invoker`.
+    """
+
+    def __init__(
+        self,
+        taster: SecurityOptions = globalSecurity,
+        invoker: Any = None,
+        handlers: Mapping[bytes, Handler] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.taster = taster
+        self.invoker = invoker
+        self._handlers = handlers or {}
+        self._max_depth = limits.max_depth
+        self._depth = 0
+        self.references: dict[int, Any] = {}
+        self._allowed: dict[bytes, bool] = {}
+        self._post: list[Callable[[], None]] = []
+
+    def unjellyFull(self, sexp: Sexp) -> Any:
+        """Unjelly a whole expression, then run the ``postUnjelly`` hooks it collected."""
+        value = self.unjelly(sexp)
+        for hook in self._post:
+            hook()
+        return value
+
+    def unjelly(self, obj: Any, _ref: int | None = None) -> Any:
+        """Return the value for one expression."""
+        if type(obj) is not list:
+            if type(obj) in (bytes, int, float):
+                return obj
+            raise JellyError(f"not an s-expression: {type(obj).__name__}")
+        if not obj:
+            raise JellyError("empty list where a jelly form was expected")
+        head = obj[0]
+        if type(head) is not bytes:
+            raise JellyError(f"a jelly form starts with its type name, not {head!r:.40}")
+        handler = self._handlers.get(head)
+        if handler is not None:
+            return handler(self, obj)
+        allowed = self._allowed.get(head)
+        if allowed is None:
+            allowed = self._allowed[head] = bool(self.taster.isTypeAllowed(head))
+        if not allowed:
+            raise InsecureJelly(f"the security options do not allow {head!r:.80}")
+        builtin = _BUILTIN_FORMS.get(head)
+        if builtin is not None:
+            self._depth += 1
+            if self._depth > self._max_depth:
+                raise JellyError(f"values nested deeper than the limit of {self._max_depth}")
+            try:
+                return builtin(self, obj, _ref)
+            finally:
+                self._depth -= 1
+        return self._instance(head, obj, _ref)
+
+    # -- containers ---------------------------------------------------------
+
+    def _put(self, value: Any, patch: Callable[[Any], None]) -> bool:
+        """Register *patch* if *value* is a hole; True if it was."""
+        if type(value) is _Hole:
+            value.callbacks.append(patch)
+            return True
+        return False
+
+    def _list(self, obj: list[Any], ref: int | None) -> list[Any]:
+        result: list[Any] = []
+        if ref is not None:
+            self.references[ref] = result
+        unjelly = self.unjelly
+        for index, item in enumerate(obj[1:]):
+            value = item if type(item) in _PLAIN else unjelly(item)
+            result.append(value)
+            if type(value) is _Hole:
+                value.callbacks.append(_setter(result, index))
+        return result
+
+    def _dict(self, obj: list[Any], ref: int | None) -> dict[Any, Any]:
+        result: dict[Any, Any] = {}
+        if ref is not None:
+            self.references[ref] = result
+        unjelly = self.unjelly
+        for pair in obj[1:]:
+            if type(pair) is not list or len(pair) != 2:
+                raise JellyError(f"a dictionary item must be a [key, value] list, got {pair!r:.60}")
+            key, value = pair
+            key = key if type(key) in _PLAIN else unjelly(key)
+            value = value if type(value) in _PLAIN else unjelly(value)
+            if type(key) is _Hole or type(value) is _Hole:
+                self._later(result, key, value)
+                continue
+            try:
+                result[key] = value
+            except TypeError:
+                raise JellyError(f"unhashable dictionary key of type {type(key).__name__}") from None
+        return result
+
+    def _later(self, result: dict[Any, Any], key: Any, value: Any) -> None:
+        entry = [key, value]
+
+        def fill(index: int, known: Any) -> None:
+            entry[index] = known
+            if type(entry[0]) is not _Hole and type(entry[1]) is not _Hole:
+                result[entry[0]] = entry[1]
+
+        for index in (0, 1):
+            if type(entry[index]) is _Hole:
+                entry[index].callbacks.append(lambda v, i=index: fill(i, v))
+
+    def _sequence(self, obj: list[Any], build: Callable[[list[Any]], Any]) -> Any:
+        """A tuple or frozenset: built when all its items are known."""
+        unjelly = self.unjelly
+        items = [item if type(item) in _PLAIN else unjelly(item) for item in obj[1:]]
+        missing = [index for index, item in enumerate(items) if type(item) is _Hole]
+        if not missing:
+            return _build(build, items)
+        hole = _Hole()
+        remaining = [len(missing)]
+
+        def fill(index: int, value: Any) -> None:
+            items[index] = value
+            remaining[0] -= 1
+            if not remaining[0]:
+                hole.fill(_build(build, items))
+
+        for index in missing:
+            items[index].callbacks.append(lambda v, i=index: fill(i, v))
+        return hole
+
+    def _set(self, obj: list[Any], ref: int | None) -> set[Any]:
+        result: set[Any] = set()
+        if ref is not None:
+            self.references[ref] = result
+        for item in obj[1:]:
+            value = self.unjelly(item)
+            if type(value) is _Hole:
+                value.callbacks.append(lambda v: _add(result, v))
+            else:
+                _add(result, value)
+        return result
+
+    # -- references -----------------------------------------------------------
+
+    def _reference(self, obj: list[Any], _ref: int | None) -> Any:
+        _shape(obj, 3)
+        ref, body = obj[1], obj[2]
+        if type(ref) is not int:
+            raise JellyError(f"reference number must be an int, got {ref!r:.40}")
+        if ref in self.references:
+            raise JellyError(f"reference number {ref} is defined twice")
+        hole = self.references[ref] = _Hole()
+        value = self.unjelly(body, ref)
+        if type(value) is _Hole:
+            # A tuple or frozenset still waiting for (a hole of) itself.
+            value.callbacks.append(lambda v: self._resolve(ref, hole, v))
+        else:
+            self._resolve(ref, hole, value)
+        return value
+
+    def _resolve(self, ref: int, hole: _Hole, value: Any) -> None:
+        self.references[ref] = value
+        hole.fill(value)
+
+    def _dereference(self, obj: list[Any], _ref: int | None) -> Any:
+        _shape(obj, 2)
+        ref = obj[1]
+        if type(ref) is not int or ref not in self.references:
+            raise JellyError(f"dereference of unknown reference {ref!r:.40}")
+        return self.references[ref]
+
+    # -- instances --------------------------------------------------------------
+
+    def _instance(self, tag: bytes, obj: list[Any], ref: int | None) -> Any:
+        registered = unjellyableRegistry.get(tag)
+        if registered is not None:
+            if not isinstance(registered, type):
+                return self._post_hook(registered(self, obj))
+            instance = _blank(registered)
+            if ref is not None:
+                self.references[ref] = instance
+            build = getattr(instance, "unjellyFor", None)
+            if build is not None:
+                return self._post_hook(build(self, obj))
+            _shape(obj, 2)
+            return self._post_hook(_set_state(instance, self.unjelly(obj[1])))
+        factory = unjellyableFactoryRegistry.get(tag)
+        if factory is not None:
+            _shape(obj, 2)
+            return self._post_hook(factory(self.unjelly(obj[1])))
+        for cls in self.taster.allowedClasses:
+            if qual(cls).encode("utf-8") == tag:
+                _shape(obj, 2)
+                instance = _blank(cls)
+                if ref is not None:
+                    self.references[ref] = instance
+                return self._post_hook(_set_state(instance, self.unjelly(obj[1])))
+        if tag in _NEVER:
+            raise InsecureJelly(f"{tag.decode()!r} forms are never unjellied: no code is loaded from the wire")
+        raise InsecureJelly(f"unknown type {tag!r:.80}: no class is registered for this copy tag")
+
+    def _post_hook(self, value: Any) -> Any:
+        hook = getattr(value, "postUnjelly", None)
+        if hook is not None:
+            self._post.append(hook)
+        return value
+
+
+_PLAIN: Final = frozenset({bytes, int, float})
+_NEVER: Final = frozenset({b"module", b"class", b"function", b"method", b"instance"})
+
+
+def _blank(cls: Any) -> Any:
+    """An instance whose __init__ has not run: the state arrives afterwards."""
+    return cls.__new__(cls)
+
+
+def _setter(target: list[Any], index: int) -> Callable[[Any], None]:
+    def patch(value: Any) -> None:
+        target[index] = value
+
+    return patch
+
+
+def _build(build: Callable[[list[Any]], Any], items: list[Any]) -> Any:
+    try:
+        return build(items)
+    except TypeError:
+        raise JellyError("unhashable item in a set or frozenset") from None
+
+
+def _add(result: set[Any], value: Any) -> None:
+    try:
+        result.add(value)
+    except TypeError:
+        raise JellyError(f"unhashable set item of type {type(value).__name__}") from None
+
+
+def _set_state(instance: Any, state: Any) -> Any:
+    setter = getattr(instance, "__setstate__", None)
+    if setter is not None:
+        setter(state)
+    elif isinstance(state, dict):
+        instance.__dict__ = state
+    else:
+        raise JellyError(f"state for {type(instance).__qualname__} must be a dictionary")
+    return instance
+
+
+def _unicode(u: Unjellier, obj: list[Any], ref: int | None) -> str:
+    return _text(obj)
+
+
+def _none(u: Unjellier, obj: list[Any], ref: int | None) -> None:
+    _shape(obj, 1)
+
+
+def _boolean(u: Unjellier, obj: list[Any], ref: int | None) -> bool:
+    _shape(obj, 2)
+    if obj[1] == b"true":
+        return True
+    if obj[1] == b"false":
+        return False
+    raise JellyError(f"boolean form needs b'true' or b'false', got {obj[1]!r:.40}")
+
+
+def _datetime_form(kind: Callable[..., Any], count: int) -> Callable[[Unjellier, list[Any], int | None], Any]:
+    def build(u: Unjellier, obj: list[Any], ref: int | None) -> Any:
+        fields = _numbers(obj, count)
+        try:
+            if kind is datetime.timedelta:
+                return datetime.timedelta(days=fields[0], seconds=fields[1], microseconds=fields[2])
+            return kind(*fields)
+        except (ValueError, OverflowError) as error:
+            raise JellyError(f"{obj[0]!r} form out of range: {error}") from None
+
+    return build
+
+
+def _decimal(u: Unjellier, obj: list[Any], ref: int | None) -> decimal.Decimal:
+    _shape(obj, 3)
+    value, exponent = obj[1], obj[2]
+    if type(value) is not int or type(exponent) is not int:
+        raise JellyError("decimal form needs two ints: digits and exponent")
+    try:
+        digits = tuple(int(d) for d in str(abs(value)))
+    except ValueError:  # more digits than Python will convert
+        raise JellyError("decimal form has too many digits") from None
+    return decimal.Decimal((1 if value < 0 else 0, digits, exponent))
+
+
+def _unpersistable(u: Unjellier, obj: list[Any], ref: int | None) -> Unpersistable:
+    return Unpersistable(f"Unpersistable data: {_text(obj)}")
+
+
+def _persistent(u: Unjellier, obj: list[Any], ref: int | None) -> Unpersistable:
+    return Unpersistable("Persistent callback not found")
+
+
+_BUILTIN_FORMS: Final[dict[bytes, Callable[[Unjellier, list[Any], int | None], Any]]] = {
+    b"None": _none,
+    b"unicode": _unicode,
+    b"boolean": _boolean,
+    b"list": Unjellier._list,
+    b"tuple": lambda u, obj, ref: u._sequence(obj, tuple),
+    b"dictionary": Unjellier._dict,
+    b"set": Unjellier._set,
+    b"frozenset": lambda u, obj, ref: u._sequence(obj, frozenset),
+    b"reference": Unjellier._reference,
+    b"dereference": Unjellier._dereference,
+    b"datetime": _datetime_form(datetime.datetime, 7),
+    b"date": _datetime_form(datetime.date, 3),
+    b"time": _datetime_form(datetime.time, 4),
+    b"timedelta": _datetime_form(datetime.timedelta, 3),
+    b"decimal": _decimal,
+    b"unpersistable": _unpersistable,
+    b"persistent": _persistent,
+}
+
+
+def unjelly(
+    sexp: Sexp,
+    taster: SecurityOptions = globalSecurity,
+    *,
+    invoker: Any = None,
+    handlers: Mapping[bytes, Handler] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Any:
+    """Rebuild the value an s-expression describes.
+
+    Raises :class:`~pbcore.errors.JellyError` (or its subclass
+    :class:`~pbcore.errors.InsecureJelly`) for anything malformed or refused;
+    never imports anything.
+    """
+    return Unjellier(taster, invoker, handlers, limits).unjellyFull(sexp)

@@ -448,7 +448,8 @@ def jelly(
 
     Raises :class:`~pbcore.errors.NotJellyable` for a value that has no form.
     """
-    return Jellier(taster, invoker, limits).jelly(obj)
+    sexp: Sexp = Jellier(taster, invoker, limits).jelly(obj)
+    return sexp
 
 
 # ---------------------------------------------------------------------------

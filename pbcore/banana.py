@@ -142,6 +142,8 @@ _NEG_HEAD: Final = [int_to_b128(i) + b"\x83" for i in range(_TABLE_SIZE)]
 _STR_HEAD: Final = [int_to_b128(i) + b"\x82" for i in range(_TABLE_SIZE)]
 _LIST_HEAD: Final = [int_to_b128(i) + b"\x80" for i in range(_TABLE_SIZE)]
 _VOCAB_ITEMS: Final = {word: int_to_b128(i) + b"\x87" for word, i in VOCABULARY.items()}
+_POSITIVE: Final = frozenset({INT, LONGINT})
+_NEGATIVE: Final = frozenset({NEG, LONGNEG})
 _pack_double = struct.Struct(">d").pack
 _unpack_double = struct.Struct(">d").unpack_from
 
@@ -182,7 +184,8 @@ def _build_encoder(vocab: dict[bytes, bytes], limits: Limits) -> Callable[[Any, 
     max_depth = limits.max_depth
     long_limit = 2 ** (7 * limits.prefix_limit)
     int_head, neg_head, str_head, list_head = _INT_HEAD, _NEG_HEAD, _STR_HEAD, _LIST_HEAD
-    table_size = _TABLE_SIZE
+    table_size = _TABLE_SIZE  # ints below this have precomputed headers
+    short = min(_TABLE_SIZE, size_limit + 1)  # lengths below this need no size check
     pack_double = _pack_double
 
     def encode_int(value: int, out: bytearray) -> None:
@@ -218,7 +221,7 @@ def _build_encoder(vocab: dict[bytes, bytes], limits: Limits) -> Callable[[Any, 
             word = vocab.get(obj)
             if word is not None:
                 out += word
-            elif len(obj) < table_size:
+            elif len(obj) < short:
                 out += str_head[len(obj)]
                 out += obj
             else:
@@ -227,7 +230,7 @@ def _build_encoder(vocab: dict[bytes, bytes], limits: Limits) -> Callable[[Any, 
             n = len(obj)
             if depth >= max_depth:
                 raise BananaError(f"cannot encode: lists nested deeper than {max_depth} (or a cycle)")
-            if n < table_size:
+            if n < short:
                 out += list_head[n]
             elif n > size_limit:
                 raise BananaError(f"cannot encode a list of {n} items: over the size limit of {size_limit}")
@@ -240,7 +243,7 @@ def _build_encoder(vocab: dict[bytes, bytes], limits: Limits) -> Callable[[Any, 
                 # The two commonest items are inlined; the rest recurse.
                 if kind is int and 0 <= item < table_size:
                     out += int_head[item]
-                elif kind is bytes and item not in vocab and len(item) < table_size:
+                elif kind is bytes and item not in vocab and len(item) < short:
                     out += str_head[len(item)]
                     out += item
                 else:
@@ -295,37 +298,43 @@ class Decoder:
     def __init__(self, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> None:
         self.dialect = _check_dialect(dialect)
         self.limits = limits
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = 0  # where parsing resumes, within _buf
         self._base = 0  # stream offset of _buf[0]
-        self._expr_start = 0  # stream offset where the current expression began
+        # Fed chunks not yet joined to _buf: they are joined only once they can
+        # complete the item in progress, so a large string arriving in small
+        # pieces is copied once, not once per piece.
+        self._pending: list[bytes] = []
+        self._pending_len = 0
         self._need = 0  # bytes needed past _pos before parsing can progress
-        self._lists: list[list[Sexp]] = []  # the open lists, outermost first
-        self._lengths: list[int] = []  # and the length each one claimed
+        self._expr_start = 0  # stream offset where the current expression began
+        self._stack: list[tuple[list[Sexp], int]] = []  # open lists and their claimed lengths
         self._failed: BananaError | None = None
-        prefix_limit = limits.prefix_limit
-        self._header = re.compile(b"[\\x00-\\x7f]{0,%d}[\\x80-\\xff]" % prefix_limit)
+        self._header = re.compile(b"[\\x00-\\x7f]{0,%d}[\\x80-\\xff]" % limits.prefix_limit)
 
     @property
     def offset(self) -> int:
-        """How many bytes of the stream have been consumed into expressions."""
+        """How many bytes of the stream have been consumed into items."""
         return self._base + self._pos
 
     @property
     def buffered(self) -> int:
         """How many bytes have been fed but not yet made into a complete item."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._pending_len
 
     @property
     def at_boundary(self) -> bool:
         """True when no expression is partly received."""
-        return not self._lists and self._pos == len(self._buf)
+        return not self._stack and self.buffered == 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes received from the peer."""
         if self._failed is not None:
             raise self._failed
-        self._buf += data
+        if data:
+            chunk = bytes(data)
+            self._pending.append(chunk)
+            self._pending_len += len(chunk)
 
     def __iter__(self) -> Iterator[Sexp]:
         """Yield every expression that the bytes fed so far complete."""
@@ -336,44 +345,49 @@ class Decoder:
         """Return the next complete expression, or None if more bytes are needed."""
         if self._failed is not None:
             raise self._failed
-        buf = self._buf
-        end = len(buf)
         pos = self._pos
-        if end - pos < self._need:
+        if self._pending:
+            available = len(self._buf) - pos + self._pending_len
+            if available < self._need:
+                return None
+            self._base += pos
+            self._pending.insert(0, self._buf[pos:])
+            self._buf = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_len = 0
+            pos = 0
+        elif len(self._buf) - pos < max(self._need, 1):
             return None
         try:
-            result, pos = self._parse(buf, pos, end)
+            result, self._pos = self._parse(self._buf, pos)
         except BananaError as error:
             self._failed = error
             raise
-        # Reclaim consumed bytes only when that is cheap relative to what was
-        # consumed, so the cost stays linear however the input is chunked.
-        if pos == len(buf):
-            self._base += pos
-            buf.clear()
-            pos = 0
-        elif pos > 65536 and pos * 2 > len(buf):
-            self._base += pos
-            del buf[:pos]
-            pos = 0
-        self._pos = pos
         return result
 
     def _fail(self, pos: int, message: str) -> BananaError:
         return BananaError(f"{message} (at byte {self._base + pos} of the stream)")
 
-    def _parse(self, buf: bytearray, pos: int, end: int) -> tuple[Sexp | None, int]:
+    def _parse(self, buf: bytes, pos: int) -> tuple[Sexp | None, int]:
+        """Parse items from *pos* until an expression completes or the bytes run out.
+
+        Returns the expression (or None) and where parsing stopped. On running
+        out it stops at the start of the incomplete item and records in
+        ``_need`` how many bytes that item needs, so it is not retried early.
+        """
         limits = self.limits
         size_limit = limits.size_limit
         max_depth = limits.max_depth
         max_bytes = limits.max_expression_bytes
-        lists = self._lists
-        lengths = self._lengths
-        pb = self.dialect == b"pb"
-        base = self._base
-        if not lists:
-            self._expr_start = base + pos
-        expr_start = self._expr_start - base  # may be negative after compaction
+        vocabulary = _WORDS if self.dialect == b"pb" else None
+        end = len(buf)
+        stack = self._stack
+        if not stack:
+            self._expr_start = self._base + pos
+        expr_start = self._expr_start - self._base  # negative if it began in an earlier buffer
+        # While the buffer cannot hold an over-long expression, skip the per-item check.
+        check_size = end - expr_start > max_bytes
+        top, want = stack[-1] if stack else (None, 0)
         self._need = 0
         while pos < end:
             start = pos
@@ -401,15 +415,21 @@ class Decoder:
             if kind == LIST:
                 if num > size_limit:
                     raise self._fail(start, f"list of {num} items is over the size limit of {size_limit}")
+                if len(stack) >= max_depth:  # the encoder's rule: no list at depth max_depth
+                    raise self._fail(start, f"lists nested deeper than the limit of {max_depth}")
                 if num:
-                    if len(lists) >= max_depth:
-                        raise self._fail(start, f"lists nested deeper than the limit of {max_depth}")
-                    lists.append([])
-                    lengths.append(num)
-                    if pos - expr_start > max_bytes:
-                        raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
+                    top = []
+                    want = num
+                    stack.append((top, want))
                     continue
                 item = []
+            elif kind == VOCAB:
+                if vocabulary is None:
+                    raise self._fail(start, "vocabulary item outside the pb dialect")
+                word = vocabulary.get(num)
+                if word is None:
+                    raise self._fail(start, f"unknown vocabulary index {num}")
+                item = word
             elif kind == STRING:
                 if num > size_limit:
                     raise self._fail(start, f"byte string of {num} bytes is over the size limit of {size_limit}")
@@ -419,11 +439,11 @@ class Decoder:
                 if stop > end:
                     self._need = stop - start
                     return None, start
-                item = bytes(buf[pos:stop])
+                item = buf[pos:stop]
                 pos = stop
-            elif kind in (INT, LONGINT):
+            elif kind in _POSITIVE:
                 item = num
-            elif kind in (NEG, LONGNEG):
+            elif kind in _NEGATIVE:
                 item = -num
             elif kind == FLOAT:
                 if pos + 8 > end:
@@ -431,27 +451,19 @@ class Decoder:
                     return None, start
                 item = _unpack_double(buf, pos)[0]
                 pos += 8
-            elif kind == VOCAB:
-                if not pb:
-                    raise self._fail(start, "vocabulary item outside the pb dialect")
-                word = _WORDS.get(num)
-                if word is None:
-                    raise self._fail(start, f"unknown vocabulary index {num}")
-                item = word
             else:
                 raise self._fail(start, f"unknown type byte 0x{kind:02x}")
 
-            if pos - expr_start > max_bytes:
+            if check_size and pos - expr_start > max_bytes:
                 raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
             # Put the item in its list; a list that is now full is itself an item.
-            while lists:
-                current = lists[-1]
-                current.append(item)
-                if len(current) < lengths[-1]:
+            while top is not None:
+                top.append(item)
+                if len(top) < want:
                     break
-                lists.pop()
-                lengths.pop()
-                item = current
+                stack.pop()
+                item = top
+                top, want = stack[-1] if stack else (None, 0)
             else:
                 return item, pos
         return None, pos

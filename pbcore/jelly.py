@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import re
 import types
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
@@ -66,6 +67,8 @@ __all__ = [
 
 #: A handler for one form: called with the unjellier and the whole expression.
 Handler = Callable[["Unjellier", list[Any]], Any]
+# A resolved builder: also told the reference number its value will get, if any.
+_Form = Callable[["Unjellier", list[Any], "int | None"], Any]
 
 
 def qual(cls: type) -> str:
@@ -464,12 +467,14 @@ class _Hole:
     the hole registers a callback that patches the real value in later.
     """
 
-    __slots__ = ("callbacks",)
+    __slots__ = ("callbacks", "filled")
 
     def __init__(self) -> None:
         self.callbacks: list[Callable[[Any], None]] = []
+        self.filled = False
 
     def fill(self, value: Any) -> None:
+        self.filled = True
         callbacks, self.callbacks = self.callbacks, []
         for callback in callbacks:
             callback(value)
@@ -491,10 +496,13 @@ def _text(expression: list[Any], size: int = 2) -> str:
         raise JellyError(f"{expression[0]!r} form is not valid UTF-8: {error}") from None
 
 
+_INTEGER: Final = re.compile(r"-?[0-9]{1,19}\Z")  # ASCII digits only: str.isdigit() admits "²"
+
+
 def _numbers(expression: list[Any], count: int) -> list[int]:
     text = _text(expression)
     fields = text.split(" ")
-    if len(fields) != count or not all(field.lstrip("-").isdigit() and len(field) < 20 for field in fields):
+    if len(fields) != count or not all(_INTEGER.match(field) for field in fields):
         raise JellyError(f"{expression[0]!r} form needs {count} integers, got {text[:60]!r}")
     return [int(field) for field in fields]
 
@@ -519,12 +527,18 @@ class Unjellier:
         self._max_depth = limits.max_depth
         self._depth = 0
         self.references: dict[int, Any] = {}
-        self._allowed: dict[bytes, bool] = {}
+        self._forms: dict[bytes, _Form] = {}  # head -> builder, resolved once per unjellier
         self._post: list[Callable[[], None]] = []
+        self._holes: list[_Hole] = []  # one per reference, checked at the end
 
     def unjellyFull(self, sexp: Sexp) -> Any:
         """Unjelly a whole expression, then run the ``postUnjelly`` hooks it collected."""
         value = self.unjelly(sexp)
+        for hole in self._holes:
+            if not hole.filled:
+                # Only immutables on the cycle (a tuple inside itself): no
+                # Python value has this shape.
+                raise JellyError("a reference cycle made only of tuples or frozensets")
         for hook in self._post:
             hook()
         return value
@@ -540,35 +554,34 @@ class Unjellier:
         head = obj[0]
         if type(head) is not bytes:
             raise JellyError(f"a jelly form starts with its type name, not {head!r:.40}")
+        form = self._forms.get(head)
+        if form is None:
+            form = self._forms[head] = self._form_for(head)
+        return form(self, obj, _ref)
+
+    def _form_for(self, head: bytes) -> _Form:
+        """How to build the form named *head*: handlers, then built-ins, then copy tags."""
         handler = self._handlers.get(head)
         if handler is not None:
-            return handler(self, obj)
-        allowed = self._allowed.get(head)
-        if allowed is None:
-            allowed = self._allowed[head] = bool(self.taster.isTypeAllowed(head))
-        if not allowed:
+            return lambda unjellier, obj, _ref: handler(unjellier, obj)
+        if not self.taster.isTypeAllowed(head):
             raise InsecureJelly(f"the security options do not allow {head!r:.80}")
         builtin = _BUILTIN_FORMS.get(head)
         if builtin is not None:
-            self._depth += 1
-            if self._depth > self._max_depth:
-                raise JellyError(f"values nested deeper than the limit of {self._max_depth}")
-            try:
-                return builtin(self, obj, _ref)
-            finally:
-                self._depth -= 1
-        return self._instance(head, obj, _ref)
+            return builtin
+        return lambda unjellier, obj, ref: unjellier._instance(head, obj, ref)
+
+    def _nest(self) -> None:
+        # Counted only by the forms that recurse; an unjellier that raised is
+        # not used again, so no unwinding is needed on errors.
+        self._depth += 1
+        if self._depth > self._max_depth:
+            raise JellyError(f"values nested deeper than the limit of {self._max_depth}")
 
     # -- containers ---------------------------------------------------------
 
-    def _put(self, value: Any, patch: Callable[[Any], None]) -> bool:
-        """Register *patch* if *value* is a hole; True if it was."""
-        if type(value) is _Hole:
-            value.callbacks.append(patch)
-            return True
-        return False
-
     def _list(self, obj: list[Any], ref: int | None) -> list[Any]:
+        self._nest()
         result: list[Any] = []
         if ref is not None:
             self.references[ref] = result
@@ -578,9 +591,11 @@ class Unjellier:
             result.append(value)
             if type(value) is _Hole:
                 value.callbacks.append(_setter(result, index))
+        self._depth -= 1
         return result
 
     def _dict(self, obj: list[Any], ref: int | None) -> dict[Any, Any]:
+        self._nest()
         result: dict[Any, Any] = {}
         if ref is not None:
             self.references[ref] = result
@@ -598,6 +613,7 @@ class Unjellier:
                 result[key] = value
             except TypeError:
                 raise JellyError(f"unhashable dictionary key of type {type(key).__name__}") from None
+        self._depth -= 1
         return result
 
     def _later(self, result: dict[Any, Any], key: Any, value: Any) -> None:
@@ -606,7 +622,10 @@ class Unjellier:
         def fill(index: int, known: Any) -> None:
             entry[index] = known
             if type(entry[0]) is not _Hole and type(entry[1]) is not _Hole:
-                result[entry[0]] = entry[1]
+                try:
+                    result[entry[0]] = entry[1]
+                except TypeError:
+                    raise JellyError(f"unhashable dictionary key of type {type(entry[0]).__name__}") from None
 
         for index in (0, 1):
             if type(entry[index]) is _Hole:
@@ -614,8 +633,10 @@ class Unjellier:
 
     def _sequence(self, obj: list[Any], build: Callable[[list[Any]], Any]) -> Any:
         """A tuple or frozenset: built when all its items are known."""
+        self._nest()
         unjelly = self.unjelly
         items = [item if type(item) in _PLAIN else unjelly(item) for item in obj[1:]]
+        self._depth -= 1
         missing = [index for index, item in enumerate(items) if type(item) is _Hole]
         if not missing:
             return _build(build, items)
@@ -633,6 +654,7 @@ class Unjellier:
         return hole
 
     def _set(self, obj: list[Any], ref: int | None) -> set[Any]:
+        self._nest()
         result: set[Any] = set()
         if ref is not None:
             self.references[ref] = result
@@ -642,6 +664,7 @@ class Unjellier:
                 value.callbacks.append(lambda v: _add(result, v))
             else:
                 _add(result, value)
+        self._depth -= 1
         return result
 
     # -- references -----------------------------------------------------------
@@ -654,7 +677,10 @@ class Unjellier:
         if ref in self.references:
             raise JellyError(f"reference number {ref} is defined twice")
         hole = self.references[ref] = _Hole()
+        self._holes.append(hole)
+        self._nest()
         value = self.unjelly(body, ref)
+        self._depth -= 1
         if type(value) is _Hole:
             # A tuple or frozenset still waiting for (a hole of) itself.
             value.callbacks.append(lambda v: self._resolve(ref, hole, v))
@@ -744,6 +770,8 @@ def _set_state(instance: Any, state: Any) -> Any:
     setter = getattr(instance, "__setstate__", None)
     if setter is not None:
         setter(state)
+    elif state is None:  # object.__getstate__() of an instance with an empty __dict__
+        instance.__dict__ = {}
     elif isinstance(state, dict):
         instance.__dict__ = state
     else:
@@ -752,6 +780,11 @@ def _set_state(instance: Any, state: Any) -> Any:
 
 
 def _unicode(u: Unjellier, obj: list[Any], ref: int | None) -> str:
+    if len(obj) == 2 and type(obj[1]) is bytes:  # the commonest form: skip the general checks
+        try:
+            return obj[1].decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     return _text(obj)
 
 
@@ -788,9 +821,9 @@ def _decimal(u: Unjellier, obj: list[Any], ref: int | None) -> decimal.Decimal:
         raise JellyError("decimal form needs two ints: digits and exponent")
     try:
         digits = tuple(int(d) for d in str(abs(value)))
-    except ValueError:  # more digits than Python will convert
-        raise JellyError("decimal form has too many digits") from None
-    return decimal.Decimal((1 if value < 0 else 0, digits, exponent))
+        return decimal.Decimal((1 if value < 0 else 0, digits, exponent))
+    except (ValueError, ArithmeticError) as error:  # too many digits, exponent out of range
+        raise JellyError(f"decimal form out of range: {error!r:.80}") from None
 
 
 def _unpersistable(u: Unjellier, obj: list[Any], ref: int | None) -> Unpersistable:
@@ -801,7 +834,7 @@ def _persistent(u: Unjellier, obj: list[Any], ref: int | None) -> Unpersistable:
     return Unpersistable("Persistent callback not found")
 
 
-_BUILTIN_FORMS: Final[dict[bytes, Callable[[Unjellier, list[Any], int | None], Any]]] = {
+_BUILTIN_FORMS: Final[dict[bytes, _Form]] = {
     b"None": _none,
     b"unicode": _unicode,
     b"boolean": _boolean,

@@ -80,7 +80,9 @@ VOCABULARY: Final[dict[bytes, int]] = {
 }
 _WORDS: Final[dict[int, bytes]] = {index: word for word, index in VOCABULARY.items()}
 
-_MAX_DEPTH_CEILING: Final = 400  # the encoder and jelly recurse; stay clear of Python's limit
+# The encoder, jelly and unjelly recurse (up to two frames a level); this keeps
+# them well inside Python's default recursion limit of 1000, with room for callers.
+_MAX_DEPTH_CEILING: Final = 250
 
 
 def _positive(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:

@@ -60,6 +60,7 @@ class _FusedJellier(Jellier):
         self._offsets: dict[int, int] = {}  # id -> where a container written here starts
         self._inserts: dict[int, bytes] = {}  # offset -> [reference, n header to splice in
         self._deferred: list[tuple[int, int, Sexp]] = []  # (offset, depth, s-expression)
+        self._deepest = 0  # the deepest container written here
 
     def _seen(self, obj: object) -> list[Any] | None:
         oid = id(obj)
@@ -76,7 +77,27 @@ class _FusedJellier(Jellier):
         self._write(value, out, depth)
         if not self._inserts and not self._deferred:
             return bytes(out)
-        return self._assemble(out)
+        data = self._assemble(out)
+        # Each [reference, n, ...] spliced in nests its container one level
+        # deeper than when it was written. Forms sit at most two levels below
+        # a container, so unless the bound below is close to the limit the
+        # result is fine; otherwise check what was actually produced.
+        if self._inserts and (
+            self._deferred or self._deepest + 2 + len(self._inserts) >= self._max_depth
+        ):
+            self._check_depth(data)
+        return data
+
+    def _check_depth(self, data: bytes) -> None:
+        checker = Decoder(self._banana.dialect, self._banana.limits)
+        checker.feed(data)
+        try:
+            checker.next_expression()
+        except BananaError:
+            raise BananaError(
+                f"cannot encode: lists nested deeper than {self._max_depth} "
+                "once shared values are marked as references"
+            ) from None
 
     def _assemble(self, out: bytearray) -> bytes:
         # At one offset, deferred expressions come first (in the order they
@@ -128,6 +149,7 @@ class _FusedJellier(Jellier):
                 return
             if depth >= self._max_depth:
                 self._too_deep()
+            self._deepest = max(self._deepest, depth)
             self._offsets[id(value)] = len(out)
             self._alive.append(value)
             size = len(value) + 1

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import re
 import types
 from collections.abc import Callable, Mapping
@@ -390,7 +391,9 @@ class Jellier:
                     append([jelly(key), jelly(value)])
             else:
                 sexp = [_CONTAINER_ATOMS[kind]]
-                sexp.extend([jelly(item) for item in obj])
+                append = sexp.append
+                for item in obj:  # a loop, not a comprehension: one frame less per level
+                    append(jelly(item))
         finally:
             self._depth -= 1
         return self.preserve(obj, sexp)
@@ -631,11 +634,13 @@ class Unjellier:
             if type(entry[index]) is _Hole:
                 entry[index].callbacks.append(lambda v, i=index: fill(i, v))
 
-    def _sequence(self, obj: list[Any], build: Callable[[list[Any]], Any]) -> Any:
+    def _sequence(self, obj: list[Any], _ref: int | None, build: Callable[[list[Any]], Any]) -> Any:
         """A tuple or frozenset: built when all its items are known."""
         self._nest()
         unjelly = self.unjelly
-        items = [item if type(item) in _PLAIN else unjelly(item) for item in obj[1:]]
+        items = []
+        for item in obj[1:]:  # a loop, not a comprehension: one frame less per level
+            items.append(item if type(item) in _PLAIN else unjelly(item))
         self._depth -= 1
         missing = [index for index, item in enumerate(items) if type(item) is _Hole]
         if not missing:
@@ -839,10 +844,10 @@ _BUILTIN_FORMS: Final[dict[bytes, _Form]] = {
     b"unicode": _unicode,
     b"boolean": _boolean,
     b"list": Unjellier._list,
-    b"tuple": lambda u, obj, ref: u._sequence(obj, tuple),
+    b"tuple": functools.partial(Unjellier._sequence, build=tuple),
     b"dictionary": Unjellier._dict,
     b"set": Unjellier._set,
-    b"frozenset": lambda u, obj, ref: u._sequence(obj, frozenset),
+    b"frozenset": functools.partial(Unjellier._sequence, build=frozenset),
     b"reference": Unjellier._reference,
     b"dereference": Unjellier._dereference,
     b"datetime": _datetime_form(datetime.datetime, 7),

@@ -204,7 +204,7 @@ def test_fused_encoder_honours_a_small_size_limit(value: Any) -> None:
 
 
 @pytest.mark.parametrize("leaf", [1, "s", None, True, {}, [], {"a": 1}, Box(1)])
-@pytest.mark.parametrize("wrap", ["list", "dict", "tuple", "pair"])
+@pytest.mark.parametrize("wrap", ["list", "dict", "tuple", "pair", "shared-pair"])
 def test_depth_limit_is_exactly_the_two_step_one(leaf: Any, wrap: str) -> None:
     limits = banana.Limits(max_depth=12)
 
@@ -219,7 +219,15 @@ def test_depth_limit_is_exactly_the_two_step_one(leaf: Any, wrap: str) -> None:
     for depth in range(3, 14):
         value = leaf
         for _ in range(depth):
-            value = {"list": [value], "dict": {"k": value}, "tuple": (value,), "pair": [None, value]}[wrap]
+            value = {
+                "list": [value],
+                "dict": {"k": value},
+                "tuple": (value,),
+                "pair": [None, value],
+                # The second copy becomes a dereference and the first gains a
+                # [reference, n, ...] wrapper: one more level per step.
+                "shared-pair": [value, value],
+            }[wrap]
         fused = outcome(codec.ValueEncoder(limits=limits).encode, value)
         layered = outcome(
             lambda v: banana.Encoder(limits=limits).encode(jelly.jelly(v, limits=limits)), value

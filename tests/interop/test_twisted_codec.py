@@ -460,7 +460,7 @@ def test_pbcore_stricter_jelly_depth() -> None:
         pjelly.jelly(value)
     with pytest.raises(JellyError, match="nested deeper"):
         pjelly.unjelly(sexp)
-    roomy = pbanana.Limits(max_depth=300)
+    roomy = pbanana.Limits(max_depth=250)
     assert same_sexp(pjelly.jelly(value, limits=roomy), sexp)
     assert same_structure(value, pjelly.unjelly(sexp, limits=roomy))
 

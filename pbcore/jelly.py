@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
 from .banana import DEFAULT_LIMITS, Limits, Sexp
-from .errors import BananaError, InsecureJelly, JellyError, NotJellyable
+from .errors import BananaError, InsecureJelly, JellyError, NotJellyable, ProtocolError
 
 __all__ = [
     "Jellier",
@@ -208,7 +208,11 @@ def setUnjellyableForClassTree(module: types.ModuleType, baseClass: type, prefix
 
 
 class Unpersistable:
-    """Stands in for something the peer could not serialize; says why."""
+    """Stands in for something the peer could not serialize; ``reason`` says why.
+
+    It travels as ``[b"unpersistable", reason]``. (Twisted prefixes the reason
+    it reads with ``"Unpersistable data: "``; pbcore keeps the peer's text.)
+    """
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -543,7 +547,7 @@ class Unjellier:
                 # Python value has this shape.
                 raise JellyError("a reference cycle made only of tuples or frozensets")
         for hook in self._post:
-            hook()
+            _from_peer(b"postUnjelly", hook)
         return value
 
     def unjelly(self, obj: Any, _ref: int | None = None) -> Any:
@@ -710,26 +714,26 @@ class Unjellier:
         registered = unjellyableRegistry.get(tag)
         if registered is not None:
             if not isinstance(registered, type):
-                return self._post_hook(registered(self, obj))
+                return self._post_hook(_from_peer(tag, registered, self, obj))
             instance = _blank(registered)
             if ref is not None:
                 self.references[ref] = instance
             build = getattr(instance, "unjellyFor", None)
             if build is not None:
-                return self._post_hook(build(self, obj))
+                return self._post_hook(_from_peer(tag, build, self, obj))
             _shape(obj, 2)
-            return self._post_hook(_set_state(instance, self.unjelly(obj[1])))
+            return self._post_hook(_from_peer(tag, _set_state, instance, self.unjelly(obj[1])))
         factory = unjellyableFactoryRegistry.get(tag)
         if factory is not None:
             _shape(obj, 2)
-            return self._post_hook(factory(self.unjelly(obj[1])))
+            return self._post_hook(_from_peer(tag, factory, self.unjelly(obj[1])))
         for cls in self.taster.allowedClasses:
             if qual(cls).encode("utf-8") == tag:
                 _shape(obj, 2)
                 instance = _blank(cls)
                 if ref is not None:
                     self.references[ref] = instance
-                return self._post_hook(_set_state(instance, self.unjelly(obj[1])))
+                return self._post_hook(_from_peer(tag, _set_state, instance, self.unjelly(obj[1])))
         if tag in _NEVER:
             raise InsecureJelly(f"{tag.decode()!r} forms are never unjellied: no code is loaded from the wire")
         raise InsecureJelly(f"unknown type {tag!r:.80}: no class is registered for this copy tag")
@@ -743,6 +747,20 @@ class Unjellier:
 
 _PLAIN: Final = frozenset({bytes, int, float})
 _NEVER: Final = frozenset({b"module", b"class", b"function", b"method", b"instance"})
+
+
+def _from_peer(tag: bytes, hook: Callable[..., Any], *args: Any) -> Any:
+    """Run a class's own unjelly code on the peer's state.
+
+    The state is the peer's, so whatever that code raises about it is the
+    peer's error: a JellyError naming the tag (the original is chained).
+    """
+    try:
+        return hook(*args)
+    except ProtocolError:
+        raise
+    except Exception as error:
+        raise JellyError(f"cannot build {tag!r:.80} from the state the peer sent: {error!r:.200}") from error
 
 
 def _blank(cls: Any) -> Any:
@@ -832,7 +850,7 @@ def _decimal(u: Unjellier, obj: list[Any], ref: int | None) -> decimal.Decimal:
 
 
 def _unpersistable(u: Unjellier, obj: list[Any], ref: int | None) -> Unpersistable:
-    return Unpersistable(f"Unpersistable data: {_text(obj)}")
+    return Unpersistable(_text(obj))  # just the peer's reason, so it survives a round trip
 
 
 def _persistent(u: Unjellier, obj: list[Any], ref: int | None) -> Unpersistable:

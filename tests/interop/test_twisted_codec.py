@@ -633,7 +633,7 @@ def test_twisted_unpersistable_read_by_pbcore() -> None:
     data = twisted_encode(sexp, b"pb")
     [ours] = pbcore_decode(data, b"pb")
     [value] = pjelly.unjelly(ours)
-    assert value == pjelly.Unpersistable(f"Unpersistable data: {reason}")
+    assert value == pjelly.Unpersistable(reason)
     [theirs] = twisted_unjelly(twisted_decode(data, b"pb")[0])
     assert isinstance(theirs, tjelly.Unpersistable)
     assert theirs.reason == f"Unpersistable data: {reason.encode()!r}"

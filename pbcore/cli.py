@@ -1,0 +1,416 @@
+"""The ``pbcore`` command.
+
+``pbcore decode [FILE] [--hex] [--dialect pb|none] [--jelly]`` reads a Banana
+byte stream (a capture of one direction of a PB connection, say) from FILE or
+standard input and prints each complete expression on its own line.
+
+Without ``--jelly`` an expression is printed as it travels: lists in
+brackets, ints and floats as Python writes them, byte strings as Python bytes
+literals (``b'root'``). In the ``pb`` dialect a byte string that is a
+vocabulary word is printed as a bare word (``message``, ``list``,
+``version``): a Twisted peer always sends those words as vocabulary items, so
+a bare word is what was on the wire. The decoder does not say whether a word
+arrived as a vocabulary index or spelled out, so a spelled-out ``b'list'`` is
+printed bare too::
+
+    [b'pb', b'none']
+    [version, 6]
+    [message, 1, b'root', b'echo', 1, [tuple, [b'unicode', b'hello']], [dictionary]]
+
+With ``--jelly`` PB messages are printed by structure and only their jelly
+parts (arguments, result, failure) are unjellied and shown with ``repr``::
+
+    dialects [b'pb', b'none']
+    version 6
+    message #1 to b'root'.echo(args=('hello',), kwargs={}) answer=1
+    cachemessage #2 to 5.update(args=(1,), kwargs={}) answer=0
+    answer #1: 'hello'
+    error #1: <copy b'twisted.spread.pb.CopyableFailure' {...}>
+    decref 3
+    decache 3
+    uncache 3
+    didNotUnderstand b'frobnicate'
+
+Any other expression is unjellied whole. PB's reference forms, which only a
+broker can resolve, are shown as placeholders: ``<remote 3>``, ``<local 3>``,
+``<cached 3>``, ``<lcache 3>``; so are copy tags (any form named by a dotted
+name), since the classes they name are not loaded here: ``<copy b'mod.Class'
+{'a': 1}>`` for a Copyable and ``<cache b'mod.Class' #4 {'a': 1}>`` for a
+Cacheable's first copy. An expression that does not unjelly (a malformed
+message, a refused form such as ``instance``) is printed raw, followed by
+``  # not jelly: <why>``; decoding goes on with the next one.
+
+Exit status: 0 when the whole stream decoded; 1 when the stream is malformed
+or ends inside an expression (what decoded before the fault is printed first,
+the error goes to standard error); 2 for usage errors and unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, Final
+
+from . import __version__
+from .banana import DIALECTS, VOCABULARY, Decoder, Sexp
+from .errors import BananaError, JellyError, ProtocolError
+from .jelly import Unjellier
+
+__all__ = ["Placeholder", "format_jelly", "format_sexp", "main"]
+
+_CHUNK: Final = 64 * 1024
+
+# A PB message's name -> the number of items it has, including the name.
+_MESSAGE_SIZES: Final[dict[bytes, int]] = {
+    b"message": 7,
+    b"cachemessage": 7,
+    b"answer": 3,
+    b"error": 3,
+    b"decref": 2,
+    b"decache": 2,
+    b"uncache": 2,
+    b"version": 2,
+    b"didNotUnderstand": 2,
+}
+
+_DECODE_EPILOG: Final = """\
+output:
+  Each complete expression is printed on one line: lists in brackets, ints,
+  floats, byte strings as Python bytes literals (b'root'). With --dialect pb
+  (the default) every byte string that is a pb vocabulary word (message,
+  answer, list, tuple, version, ...) is printed as a bare word, whether it was
+  sent as a vocabulary index or spelled out; the decoder does not tell them
+  apart, and a Twisted peer always uses the index. A PB capture starts with
+  the dialect offer [b'pb', b'none'], which has no vocabulary items, so the
+  pb dialect decodes whole captures.
+
+  With --jelly, PB messages are shown by structure with only their arguments,
+  result or failure unjellied, for example
+      message #1 to b'root'.echo(args=('hello',), kwargs={}) answer=1
+  and other expressions are unjellied whole. Remote references and copies of
+  classes that are not loaded here print as placeholders (<remote 3>,
+  <copy b'mod.Class' {...}>). What does not unjelly is printed raw, followed
+  by '# not jelly: <reason>'.
+
+exit status:
+  0 the stream decoded; 1 the stream is malformed or truncated (what came
+  before the fault is printed); 2 usage error or unreadable input.
+"""
+
+
+# ---------------------------------------------------------------------------
+# Formatting raw expressions
+
+
+def format_sexp(sexp: Sexp, dialect: bytes = b"pb") -> str:
+    """Render one s-expression on one line (see the module docstring).
+
+    In the ``pb`` dialect, byte strings that are vocabulary words print bare.
+    """
+    words = VOCABULARY if dialect == b"pb" else {}
+    parts: list[str] = []
+    _format_into(sexp, words, parts)
+    return "".join(parts)
+
+
+def _format_into(sexp: Sexp, words: Mapping[bytes, int], parts: list[str]) -> None:
+    # Recursion is bounded by the decoder's max_depth.
+    if isinstance(sexp, (list, tuple)):
+        parts.append("[")
+        for index, item in enumerate(sexp):
+            if index:
+                parts.append(", ")
+            _format_into(item, words, parts)
+        parts.append("]")
+    elif isinstance(sexp, bytes):
+        parts.append(sexp.decode("ascii") if sexp in words else repr(sexp))
+    else:
+        parts.append(repr(sexp))
+
+
+# ---------------------------------------------------------------------------
+# Jelly with placeholders for what only a broker could resolve
+
+
+class Placeholder:
+    """Stands in for a PB form that needs a broker: a reference, a copy, a cache.
+
+    Compared and hashed by identity, as the objects it replaces would be.
+    """
+
+    __slots__ = ("kind", "luid", "state", "tag")
+
+    def __init__(self, kind: str, *, tag: bytes | None = None, luid: int | None = None, state: Any = None) -> None:
+        self.kind = kind
+        self.tag = tag
+        self.luid = luid
+        self.state = state
+
+    def __repr__(self) -> str:
+        if self.kind == "copy":
+            return f"<copy {self.tag!r} {self.state!r}>"
+        if self.kind == "cache":
+            return f"<cache {self.tag!r} #{self.luid} {self.state!r}>"
+        return f"<{self.kind} {self.luid}>"
+
+
+def _reference_handler(kind: str) -> Callable[[Unjellier, list[Any]], Any]:
+    def handle(unjellier: Unjellier, expression: list[Any]) -> Placeholder:
+        if len(expression) != 2 or type(expression[1]) is not int:
+            raise JellyError(f"{kind!r} form needs one int id, got {expression[1:]!r:.60}")
+        return Placeholder(kind, luid=expression[1])
+
+    return handle
+
+
+def _copy_handler(unjellier: Unjellier, expression: list[Any]) -> Placeholder:
+    tag = expression[0]
+    if len(expression) == 2:
+        return Placeholder("copy", tag=tag, state=unjellier.unjelly(expression[1]))
+    if len(expression) == 3 and type(expression[1]) is int:
+        return Placeholder("cache", tag=tag, luid=expression[1], state=unjellier.unjelly(expression[2]))
+    raise JellyError(f"copy tag {tag!r:.60} needs [tag, state] or [tag, id, state]")
+
+
+_REFERENCE_HANDLERS: Final[dict[bytes, Callable[[Unjellier, list[Any]], Any]]] = {
+    kind.encode(): _reference_handler(kind) for kind in ("remote", "local", "cached", "lcache")
+}
+
+
+def _copy_tags(sexp: Sexp) -> set[bytes]:
+    """Every dotted name at the head of a list in *sexp*: the candidate copy tags.
+
+    Handlers only match exact names, so the copy tags of each expression are
+    collected first. A dotted name that heads a list which is not a form (a
+    dictionary's [key, value] pair) gets a handler that is never called.
+    """
+    tags: set[bytes] = set()
+    pending: list[Any] = [sexp]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list) and item:
+            head = item[0]
+            if isinstance(head, bytes) and b"." in head:
+                tags.add(head)
+            pending.extend(entry for entry in item if isinstance(entry, list))
+    return tags
+
+
+def _unjelly(sexp: Sexp) -> Any:
+    """Unjelly with placeholders; raises ProtocolError for what is not jelly."""
+    handlers = dict(_REFERENCE_HANDLERS)
+    handlers.update(dict.fromkeys(_copy_tags(sexp), _copy_handler))
+    return Unjellier(handlers=handlers).unjellyFull(sexp)
+
+
+def _name(value: Sexp) -> str:
+    """A method name: bare if it is a plain identifier, else its repr."""
+    if isinstance(value, bytes) and value.isascii() and value.decode("ascii").isidentifier():
+        return value.decode("ascii")
+    return repr(value)
+
+
+def _format_message(sexp: list[Sexp]) -> str | None:
+    """The structured line for a PB message, or None if *sexp* is not one.
+
+    Raises ProtocolError when it is a message whose jelly parts do not unjelly
+    or whose shape is wrong.
+    """
+    if not sexp or not isinstance(sexp[0], bytes):
+        return None
+    head = sexp[0]
+    if head in DIALECTS and all(isinstance(item, bytes) for item in sexp):
+        return f"dialects {sexp!r}"
+    size = _MESSAGE_SIZES.get(head)
+    if size is None:
+        return None
+    kind = head.decode("ascii")
+    if len(sexp) != size:
+        raise JellyError(f"{kind!r} needs {size - 1} item(s) after its name, not {len(sexp) - 1}")
+    if kind in ("message", "cachemessage"):
+        _, request, target, name, answer, args, kwargs = sexp
+        if type(request) is not int or type(answer) is not int:
+            raise JellyError(f"{kind!r} needs an int request id and an int answer flag")
+        return (
+            f"{kind} #{request} to {target!r}.{_name(name)}"
+            f"(args={_unjelly(args)!r}, kwargs={_unjelly(kwargs)!r}) answer={answer}"
+        )
+    if kind in ("answer", "error"):
+        request = sexp[1]
+        if type(request) is not int:
+            raise JellyError(f"{kind!r} needs an int request id")
+        return f"{kind} #{request}: {_unjelly(sexp[2])!r}"
+    return f"{kind} {sexp[1]!r}"
+
+
+def format_jelly(sexp: Sexp, dialect: bytes = b"pb") -> str:
+    """Render one expression with its jelly unjellied (see the module docstring).
+
+    Never raises for bad input: what does not unjelly is shown raw with a note.
+    """
+    try:
+        if isinstance(sexp, list):
+            line = _format_message(sexp)
+            if line is not None:
+                return line
+        return repr(_unjelly(sexp))
+    except ProtocolError as error:
+        return f"{format_sexp(sexp, dialect)}  # not jelly: {error}"
+    except Exception as error:
+        # A bug in pbcore (it should have raised a ProtocolError): still show
+        # the expression and go on with the rest of the capture.
+        return f"{format_sexp(sexp, dialect)}  # unjelly failed: {type(error).__name__}: {error}"
+
+
+# ---------------------------------------------------------------------------
+# Input
+
+
+class _InputError(Exception):
+    """Input that cannot be read or is not valid hex: a usage error (exit 2)."""
+
+
+def _parse_hex(text: bytes) -> bytes:
+    """Bytes from hex text; whitespace and one leading 0x are ignored."""
+    start = len(text) - len(text.lstrip())
+    if text[start : start + 2] in (b"0x", b"0X"):
+        start += 2
+    bad = re.compile(rb"[^0-9a-fA-F\s]").search(text, start)
+    if bad is not None:
+        char = bad.group().decode("latin-1")
+        raise _InputError(f"invalid hex input: {char!r} at offset {bad.start()} is not a hex digit")
+    digits = re.sub(rb"\s+", b"", text[start:])
+    if len(digits) % 2:
+        raise _InputError(f"invalid hex input: an odd number of hex digits ({len(digits)})")
+    return bytes.fromhex(digits.decode("ascii"))
+
+
+def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    """Read *stream* as it arrives, so a live pipe is decoded as it goes."""
+    read = getattr(stream, "read1", stream.read)
+    while chunk := read(_CHUNK):
+        yield chunk
+
+
+# ---------------------------------------------------------------------------
+# The decode command
+
+
+def _write(out: IO[str], line: str) -> None:
+    try:
+        out.write(line + "\n")
+    except UnicodeEncodeError:
+        # A terminal that cannot show some character of a str value.
+        encoding = getattr(out, "encoding", None) or "ascii"
+        out.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
+
+
+def _decode(chunks: Iterable[bytes], dialect: bytes, as_jelly: bool, out: IO[str], err: IO[str]) -> int:
+    decoder = Decoder(dialect)
+    render = format_jelly if as_jelly else format_sexp
+    received = 0
+    start = 0  # where the expression being received began
+    try:
+        for chunk in chunks:
+            decoder.feed(chunk)
+            received += len(chunk)
+            for expression in decoder:
+                _write(out, render(expression, dialect))
+                start = decoder.offset
+            out.flush()
+    except BananaError as error:
+        out.flush()
+        err.write(f"pbcore decode: error: {error}\n")
+        return 1
+    if not decoder.at_boundary:
+        err.write(
+            f"pbcore decode: error: the stream ends inside an expression"
+            f" (it starts at byte {start}; the stream has {received} bytes)\n"
+        )
+        return 1
+    return 0
+
+
+def _run_decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    dialect = args.dialect.encode("ascii")
+    path: str | None = args.file
+    try:
+        if path is None or path == "-":
+            stream: IO[bytes] = sys.stdin.buffer
+            if args.hex:
+                return _decode([_parse_hex(stream.read())], dialect, args.jelly, sys.stdout, sys.stderr)
+            return _decode(_chunks(stream), dialect, args.jelly, sys.stdout, sys.stderr)
+        try:
+            with open(path, "rb") as file:
+                if args.hex:
+                    return _decode([_parse_hex(file.read())], dialect, args.jelly, sys.stdout, sys.stderr)
+                return _decode(_chunks(file), dialect, args.jelly, sys.stdout, sys.stderr)
+        except OSError as error:
+            raise _InputError(f"cannot read {path}: {error.strerror or error}") from None
+    except _InputError as error:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write(f"{parser.prog}: error: {error}\n")
+        return 2
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(
+        prog="pbcore",
+        description="Perspective Broker tools.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    decode = commands.add_parser(
+        "decode",
+        help="print the expressions of a Banana byte stream",
+        description="Decode a Banana byte stream (a PB capture) and print one expression per line.",
+        epilog=_DECODE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    decode.add_argument("file", metavar="FILE", nargs="?", help="the stream to read; '-' or absent for stdin")
+    decode.add_argument(
+        "--hex",
+        action="store_true",
+        help="the input is hexadecimal text (whitespace and a leading 0x are ignored)",
+    )
+    decode.add_argument(
+        "--dialect",
+        choices=[name.decode("ascii") for name in DIALECTS],
+        default="pb",
+        help="the Banana dialect: pb (with vocabulary, the default) or none",
+    )
+    decode.add_argument(
+        "--jelly",
+        action="store_true",
+        help="show PB messages by structure and unjelly their values",
+    )
+    return parser, decode
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``pbcore`` command with *argv* (default: ``sys.argv[1:]``); return the exit status."""
+    parser, decode_parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        # argparse exits for --help, --version and usage errors; report the status instead.
+        return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return _run_decode(args, decode_parser)
+    except BrokenPipeError:
+        # The reader went away (`pbcore decode ... | head`): stop quietly, and
+        # keep Python from complaining when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(devnull)
+        return 1

@@ -535,6 +535,7 @@ class Unjellier:
         self._depth = 0
         self.references: dict[int, Any] = {}
         self._forms: dict[bytes, _Form] = {}  # head -> builder, resolved once per unjellier
+        self._plain_unicode = b"unicode" not in self._handlers and bool(taster.isTypeAllowed(b"unicode"))
         self._post: list[Callable[[], None]] = []
         self._holes: list[_Hole] = []  # one per reference, checked at the end
 
@@ -553,12 +554,18 @@ class Unjellier:
     def unjelly(self, obj: Any, _ref: int | None = None) -> Any:
         """Return the value for one expression."""
         if type(obj) is not list:
-            if type(obj) in (bytes, int, float):
+            if type(obj) in _PLAIN:
                 return obj
             raise JellyError(f"not an s-expression: {type(obj).__name__}")
         if not obj:
             raise JellyError("empty list where a jelly form was expected")
         head = obj[0]
+        # Text is most of what arrives: read it here, without the dispatch.
+        if head == b"unicode" and self._plain_unicode and len(obj) == 2 and type(obj[1]) is bytes:
+            try:
+                return obj[1].decode("utf-8")
+            except UnicodeDecodeError:
+                pass  # the general path below says what is wrong
         if type(head) is not bytes:
             raise JellyError(f"a jelly form starts with its type name, not {head!r:.40}")
         form = self._forms.get(head)
@@ -745,7 +752,7 @@ class Unjellier:
         return value
 
 
-_PLAIN: Final = frozenset({bytes, int, float})
+_PLAIN: Final = frozenset({bytes, int, float})  # Banana's atoms stand for themselves
 _NEVER: Final = frozenset({b"module", b"class", b"function", b"method", b"instance"})
 
 

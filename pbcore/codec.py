@@ -82,9 +82,7 @@ class _FusedJellier(Jellier):
         # deeper than when it was written. Forms sit at most two levels below
         # a container, so unless the bound below is close to the limit the
         # result is fine; otherwise check what was actually produced.
-        if self._inserts and (
-            self._deferred or self._deepest + 2 + len(self._inserts) >= self._max_depth
-        ):
+        if self._inserts and (self._deferred or self._deepest + 2 + len(self._inserts) >= self._max_depth):
             self._check_depth(data)
         return data
 
@@ -95,8 +93,7 @@ class _FusedJellier(Jellier):
             checker.next_expression()
         except BananaError:
             raise BananaError(
-                f"cannot encode: lists nested deeper than {self._max_depth} "
-                "once shared values are marked as references"
+                f"cannot encode: lists nested deeper than {self._max_depth} once shared values are marked as references"
             ) from None
 
     def _assemble(self, out: bytearray) -> bytes:

@@ -100,16 +100,37 @@ class SecurityOptions:
     """
 
     basicTypes: Final = [
-        "dictionary", "list", "tuple", "reference", "dereference",
-        "unpersistable", "persistent", "long_int", "long", "dict",
+        "dictionary",
+        "list",
+        "tuple",
+        "reference",
+        "dereference",
+        "unpersistable",
+        "persistent",
+        "long_int",
+        "long",
+        "dict",
     ]
 
     def __init__(self) -> None:
         self.allowedTypes: dict[bytes, int] = dict.fromkeys(
             [
-                b"None", b"bool", b"boolean", b"string", b"str", b"int",
-                b"float", b"datetime", b"time", b"date", b"timedelta",
-                b"NoneType", b"unicode", b"decimal", b"set", b"frozenset",
+                b"None",
+                b"bool",
+                b"boolean",
+                b"string",
+                b"str",
+                b"int",
+                b"float",
+                b"datetime",
+                b"time",
+                b"date",
+                b"timedelta",
+                b"NoneType",
+                b"unicode",
+                b"decimal",
+                b"set",
+                b"frozenset",
             ],
             1,
         )
@@ -266,6 +287,7 @@ class Unjellyable:
 # ---------------------------------------------------------------------------
 # Serializing
 
+
 class Jellier:
     """The state of one serialization: which containers were seen, and the invoker.
 
@@ -404,7 +426,10 @@ class Jellier:
 
 
 _CONTAINER_ATOMS: Final[dict[type, bytes]] = {
-    list: b"list", tuple: b"tuple", set: b"set", frozenset: b"frozenset",
+    list: b"list",
+    tuple: b"tuple",
+    set: b"set",
+    frozenset: b"frozenset",
 }
 
 

@@ -151,4 +151,3 @@ def same_structure(left: Any, right: Any) -> bool:
         return bool(a == b)
 
     return walk(left, right)
-

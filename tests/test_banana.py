@@ -120,9 +120,26 @@ def test_b128_refuses_negative() -> None:
 
 
 INT_CASES = [
-    0, 1, -1, 127, 128, -128, 4095, 4096, -4095, -4096,
-    2**31 - 1, 2**31, 2**31 + 1, -(2**31) + 1, -(2**31), -(2**31) - 1,
-    2**63, -(2**63), 2**448 - 1, -(2**448) + 1,
+    0,
+    1,
+    -1,
+    127,
+    128,
+    -128,
+    4095,
+    4096,
+    -4095,
+    -4096,
+    2**31 - 1,
+    2**31,
+    2**31 + 1,
+    -(2**31) + 1,
+    -(2**31),
+    -(2**31) - 1,
+    2**63,
+    -(2**63),
+    2**448 - 1,
+    -(2**448) + 1,
 ]
 
 
@@ -153,7 +170,16 @@ def test_int_type_byte_at_the_boundaries(value: int, type_byte: int) -> None:
 @pytest.mark.parametrize(
     "value",
     [
-        0.0, -0.0, 1.5, -2.25, 1e308, -1e-308, 5e-324, float("inf"), float("-inf"), float("nan"),
+        0.0,
+        -0.0,
+        1.5,
+        -2.25,
+        1e308,
+        -1e-308,
+        5e-324,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
         struct.unpack(">d", bytes.fromhex("7ff8000000000123"))[0],  # a NaN with a payload
         struct.unpack(">d", bytes.fromhex("fff8000000000000"))[0],  # a negative NaN
     ],
@@ -724,9 +750,13 @@ def test_random_bytes_raise_only_protocol_errors(data: bytes, dialect: bytes) ->
     assert_only_protocol_errors(data, dialect)
 
 
-@given(st.lists(st.sampled_from([0x00, 0x01, 0x02, 0x05, 0x7F, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88]),
-                max_size=200),
-       st.sampled_from(DIALECTS))
+@given(
+    st.lists(
+        st.sampled_from([0x00, 0x01, 0x02, 0x05, 0x7F, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88]),
+        max_size=200,
+    ),
+    st.sampled_from(DIALECTS),
+)
 def test_type_byte_soup_raises_only_protocol_errors(data: list[int], dialect: bytes) -> None:
     # Random bytes rarely form items; these mostly do.
     assert_only_protocol_errors(bytes(data), dialect)

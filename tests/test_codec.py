@@ -229,9 +229,7 @@ def test_depth_limit_is_exactly_the_two_step_one(leaf: Any, wrap: str) -> None:
                 "shared-pair": [value, value],
             }[wrap]
         fused = outcome(codec.ValueEncoder(limits=limits).encode, value)
-        layered = outcome(
-            lambda v: banana.Encoder(limits=limits).encode(jelly.jelly(v, limits=limits)), value
-        )
+        layered = outcome(lambda v: banana.Encoder(limits=limits).encode(jelly.jelly(v, limits=limits)), value)
         assert fused == layered, depth
         outcomes.add(fused)
     assert outcomes == {"encoded", "refused"}  # the range really crosses the limit

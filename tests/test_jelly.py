@@ -87,17 +87,49 @@ def round_trip(value: Any, taster: SecurityOptions = globalSecurity) -> Any:
 
 
 ATOMS: list[Any] = [
-    None, True, False, 0, 1, -1, 2**31, -(2**31) - 1, 2**447, -(2**447),
-    0.0, -0.0, 1.5, float("inf"), float("-inf"), float("nan"),
-    b"", b"bytes\x00\xff", b"None", b"list",
-    "", "text", "ünïcödé ☃ \U0001f600", "None",
-    datetime.datetime(2024, 2, 29, 23, 59, 58, 999999), datetime.datetime.min, datetime.datetime.max,
-    datetime.date(1, 1, 1), datetime.date(9999, 12, 31), datetime.date(2000, 6, 15),
-    datetime.time(0, 0), datetime.time(23, 59, 59, 999999), datetime.time(12, 30, 1, 5),
-    datetime.timedelta(0), datetime.timedelta(days=-1, seconds=5, microseconds=7),
-    datetime.timedelta.max, datetime.timedelta.min,
-    decimal.Decimal("0"), decimal.Decimal("1.50"), decimal.Decimal("-1.50"), decimal.Decimal("1E+10"),
-    decimal.Decimal("-0.000123"), decimal.Decimal("123456789012345678901234567890.123456789"),
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2**31,
+    -(2**31) - 1,
+    2**447,
+    -(2**447),
+    0.0,
+    -0.0,
+    1.5,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    b"",
+    b"bytes\x00\xff",
+    b"None",
+    b"list",
+    "",
+    "text",
+    "ünïcödé ☃ \U0001f600",
+    "None",
+    datetime.datetime(2024, 2, 29, 23, 59, 58, 999999),
+    datetime.datetime.min,
+    datetime.datetime.max,
+    datetime.date(1, 1, 1),
+    datetime.date(9999, 12, 31),
+    datetime.date(2000, 6, 15),
+    datetime.time(0, 0),
+    datetime.time(23, 59, 59, 999999),
+    datetime.time(12, 30, 1, 5),
+    datetime.timedelta(0),
+    datetime.timedelta(days=-1, seconds=5, microseconds=7),
+    datetime.timedelta.max,
+    datetime.timedelta.min,
+    decimal.Decimal("0"),
+    decimal.Decimal("1.50"),
+    decimal.Decimal("-1.50"),
+    decimal.Decimal("1E+10"),
+    decimal.Decimal("-0.000123"),
+    decimal.Decimal("123456789012345678901234567890.123456789"),
 ]
 
 
@@ -113,7 +145,11 @@ def test_atom_round_trip(value: Any) -> None:
 
 
 CONTAINERS: list[Any] = [
-    [], (), {}, set(), frozenset(),
+    [],
+    (),
+    {},
+    set(),
+    frozenset(),
     [1, "a", b"b", None, True, 2.5],
     (1, ("nested", (2,)), []),
     {"a": 1, 2: [3], (4, 5): {"x": None}, None: True, b"k": frozenset({1})},
@@ -564,8 +600,23 @@ def test_unjelly_depth_limit() -> None:
 
 
 KNOWN_TYPES = (
-    type(None), bool, int, float, bytes, str, list, tuple, dict, set, frozenset,
-    datetime.datetime, datetime.date, datetime.time, datetime.timedelta, decimal.Decimal, Unpersistable,
+    type(None),
+    bool,
+    int,
+    float,
+    bytes,
+    str,
+    list,
+    tuple,
+    dict,
+    set,
+    frozenset,
+    datetime.datetime,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    decimal.Decimal,
+    Unpersistable,
 )
 
 
@@ -587,9 +638,28 @@ def assert_only_known_types(value: Any) -> None:
 
 
 TAGS = [
-    b"None", b"boolean", b"unicode", b"list", b"tuple", b"dictionary", b"set", b"frozenset",
-    b"reference", b"dereference", b"datetime", b"date", b"time", b"timedelta", b"decimal",
-    b"unpersistable", b"persistent", b"module", b"class", b"function", b"instance", b"os.system",
+    b"None",
+    b"boolean",
+    b"unicode",
+    b"list",
+    b"tuple",
+    b"dictionary",
+    b"set",
+    b"frozenset",
+    b"reference",
+    b"dereference",
+    b"datetime",
+    b"date",
+    b"time",
+    b"timedelta",
+    b"decimal",
+    b"unpersistable",
+    b"persistent",
+    b"module",
+    b"class",
+    b"function",
+    b"instance",
+    b"os.system",
 ]
 
 
@@ -710,8 +780,19 @@ def test_fresh_security_options_allow_atoms_only() -> None:
         with pytest.raises(InsecureJelly):
             unjelly(container, fresh)
     atoms = [
-        None, True, 5, 2.5, b"b", "s", datetime.datetime(2020, 1, 1), datetime.date(2020, 1, 1),
-        datetime.time(1), datetime.timedelta(1), decimal.Decimal("1.5"), {1, 2}, frozenset({3}),
+        None,
+        True,
+        5,
+        2.5,
+        b"b",
+        "s",
+        datetime.datetime(2020, 1, 1),
+        datetime.date(2020, 1, 1),
+        datetime.time(1),
+        datetime.timedelta(1),
+        decimal.Decimal("1.5"),
+        {1, 2},
+        frozenset({3}),
     ]
     for atom in atoms:
         assert same_structure(unjelly(jelly(atom), fresh), atom)

@@ -438,7 +438,19 @@ class Decoder:
                 num = b128_to_int(buf[start : pos - 1])
 
             item: Sexp
-            if kind == LIST:
+            if kind == STRING:  # the commonest item, so tested first
+                stop = pos + num
+                if stop > end or num > size_limit:
+                    if num > size_limit:
+                        raise self._fail(start, f"byte string of {num} bytes is over the size limit of {size_limit}")
+                    # Refuse an over-long claim now, rather than after buffering it.
+                    if stop - expr_start > max_bytes:
+                        raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
+                    self._need = stop - start
+                    return None, start
+                item = buf[pos:stop]
+                pos = stop
+            elif kind == LIST:
                 if num > size_limit:
                     raise self._fail(start, f"list of {num} items is over the size limit of {size_limit}")
                 if len(stack) >= max_depth:  # the encoder's rule: no list at depth max_depth
@@ -456,17 +468,6 @@ class Decoder:
                 if word is None:
                     raise self._fail(start, f"unknown vocabulary index {num}")
                 item = word
-            elif kind == STRING:
-                if num > size_limit:
-                    raise self._fail(start, f"byte string of {num} bytes is over the size limit of {size_limit}")
-                stop = pos + num
-                if stop - expr_start > max_bytes:
-                    raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
-                if stop > end:
-                    self._need = stop - start
-                    return None, start
-                item = buf[pos:stop]
-                pos = stop
             elif kind in _POSITIVE:
                 item = num
             elif kind in _NEGATIVE:

@@ -200,9 +200,9 @@ class Encoder:
         self._encode_into(sexp, out, 0)
         return bytes(out)
 
-    def encode_into(self, sexp: Sexp, out: bytearray) -> None:
-        """Append the bytes for one s-expression to *out*."""
-        self._encode_into(sexp, out, 0)
+    def encode_into(self, sexp: Sexp, out: bytearray, depth: int = 0) -> None:
+        """Append the bytes for one s-expression, which sits at nesting *depth*, to *out*."""
+        self._encode_into(sexp, out, depth)
 
 
 def _build_encoder(vocab: dict[bytes, bytes], limits: Limits) -> Callable[[Any, bytearray, int], None]:
@@ -215,22 +215,16 @@ def _build_encoder(vocab: dict[bytes, bytes], limits: Limits) -> Callable[[Any, 
     pack_double = _pack_double
 
     def encode_int(value: int, out: bytearray) -> None:
+        magnitude = value if value >= 0 else -value
+        if magnitude < table_size:
+            out += int_head[magnitude] if value >= 0 else neg_head[magnitude]
+            return
+        if magnitude >= long_limit:
+            raise BananaError(f"cannot encode int {value}: over the {limits.prefix_limit}-byte prefix limit")
+        out += int_to_b128(magnitude)
         if value >= 0:
-            if value < table_size:
-                out += int_head[value]
-                return
-            if value >= long_limit:
-                raise BananaError(f"cannot encode int {value}: over the {limits.prefix_limit}-byte prefix limit")
-            out += int_to_b128(value)
             out.append(INT if value < 2**31 else LONGINT)
         else:
-            magnitude = -value
-            if magnitude < table_size:
-                out += neg_head[magnitude]
-                return
-            if magnitude >= long_limit:
-                raise BananaError(f"cannot encode int {value}: over the {limits.prefix_limit}-byte prefix limit")
-            out += int_to_b128(magnitude)
             out.append(NEG if magnitude <= 2**31 else LONGNEG)
 
     def encode_bytes(value: bytes, out: bytearray) -> None:

@@ -112,7 +112,7 @@ class _FusedJellier(Jellier):
             if kind:
                 result += payload
             else:
-                self._banana._encode_into(payload, result, depth)
+                self._banana.encode_into(payload, result, depth)
         result += out[last:]
         return bytes(result)
 
@@ -138,11 +138,11 @@ class _FusedJellier(Jellier):
                 out += b"\x02\x80" + _UNICODE + int_to_b128(size) + b"\x82"
             out += data
         elif kind is int or kind is bytes or kind is float:
-            self._banana._encode_into(value, out, depth)
+            self._banana.encode_into(value, out, depth)
         elif kind is dict or kind is list or kind is tuple or kind is set or kind is frozenset:
             again = self._seen(value)
             if again is not None:
-                self._banana._encode_into(again, out, depth)
+                self._banana.encode_into(again, out, depth)
                 return
             if depth >= self._max_depth:
                 self._too_deep()
@@ -183,7 +183,7 @@ class _FusedJellier(Jellier):
             out += _TRUE if value else _FALSE
         elif kind in _UNTRACKED:
             # Dates and decimals: small fixed forms, never shared.
-            self._banana._encode_into(Jellier.jelly(self, value), out, depth)
+            self._banana.encode_into(Jellier.jelly(self, value), out, depth)
         else:
             # Jellyables and allowed instances build an s-expression, which is
             # encoded at the end so that it can still gain references.
@@ -191,7 +191,7 @@ class _FusedJellier(Jellier):
             if type(sexp) is list:
                 self._deferred.append((len(out), depth, sexp))
             else:
-                self._banana._encode_into(sexp, out, depth)
+                self._banana.encode_into(sexp, out, depth)
 
     def _too_deep(self) -> None:
         raise BananaError(f"cannot encode: lists nested deeper than {self._max_depth} (or a cycle)")
@@ -254,7 +254,7 @@ class ValueEncoder:
         size = len(head) + len(values)
         out = bytearray(_LIST_HEAD[size] if size < _TABLE_SIZE else int_to_b128(size) + b"\x80")
         for item in head:
-            self._banana._encode_into(item, out, 1)
+            self._banana.encode_into(item, out, 1)
         for value in values:
             out += self._encode(value, invoker, 1)
         return bytes(out)
@@ -262,7 +262,7 @@ class ValueEncoder:
     def _encode(self, value: Any, invoker: Any, depth: int) -> bytes:
         if not self._fused:
             out = bytearray()
-            self._banana._encode_into(Jellier(self.taster, invoker, self.limits).jelly(value), out, depth)
+            self._banana.encode_into(Jellier(self.taster, invoker, self.limits).jelly(value), out, depth)
             return bytes(out)
         return _FusedJellier(self, invoker).run(value, depth)
 

@@ -356,7 +356,10 @@ class Jellier:
         if kind is int or kind is bytes or kind is float:
             return obj
         if kind is str:
-            return [b"unicode", obj.encode("utf-8")]
+            try:
+                return [b"unicode", obj.encode("utf-8")]
+            except UnicodeEncodeError as error:  # a lone surrogate: no UTF-8 for it
+                raise NotJellyable(f"cannot jelly a str that is not valid Unicode: {error}") from None
         if kind is list or kind is dict or kind is tuple:
             return self._container(obj, kind)
         if obj is None:

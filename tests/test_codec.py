@@ -239,9 +239,11 @@ def test_unsendable_values_are_not_jellyable() -> None:
     class Plain:
         pass
 
-    for value in (Plain(), [1, Plain()], {"k": print}, "\ud800"):
+    for value in (Plain(), [1, Plain()], {"k": print}, "\ud800", ["ok", "\udfff"]):
         with pytest.raises(NotJellyable):
             codec.dumps(value)
+        with pytest.raises(NotJellyable):
+            jelly.jelly(value)
 
 
 def test_loads_wants_exactly_one_expression() -> None:

@@ -1,0 +1,534 @@
+"""The Broker: PB's connection state machine, with no I/O in it.
+
+::
+
+    broker = Broker(is_client=False, root=my_root)
+    broker.connection_made()            # a server queues its dialect offer
+    broker.receive_data(data)           # bytes from the peer
+    for event in broker.events(): ...   # Ready, CallReceived, AnswerReceived, ...
+    transport.write(broker.data_to_send())
+    broker.connection_lost(reason)      # fails pending calls, runs notifiers
+
+The broker keeps the object tables of one connection: the local objects the
+peer holds references to (with their counts), and the calls waiting for an
+answer. A call's pending result is made by ``pending_factory`` (the adapter
+installs one that its event loop can await); the broker resolves it when the
+answer arrives.
+
+Bad input raises a :class:`~pbcore.errors.ProtocolError` from
+:meth:`Broker.receive_data`, after the broker has closed: every pending call
+has failed with :class:`~pbcore.errors.PBConnectionLost` and a
+:class:`~pbcore.events.ConnectionClosed` event is queued. A call to a
+missing method or object, or arguments that cannot be unjellied, is an error
+*answer* instead, and the connection lives on.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .banana import DEFAULT_LIMITS, DIALECTS, Decoder, Encoder, Limits, Sexp
+from .codec import ValueEncoder
+from .errors import (
+    DeadReferenceError,
+    Error,
+    JellyError,
+    PBConnectionLost,
+    ProtocolError,
+    RemoteError,
+)
+from .events import (
+    AnswerReceived,
+    CallReceived,
+    ConnectionClosed,
+    DecRefReceived,
+    ErrorReceived,
+    Event,
+    NotUnderstood,
+    Ready,
+)
+from .flavors import MAX_BROKER_REFS, CopyableFailure, Local, RemoteReference
+from .jelly import SecurityOptions, Unjellier, globalSecurity
+
+__all__ = ["PROTOCOL_VERSION", "Broker", "Pending", "PendingCall"]
+
+#: The PB protocol version both sides announce.
+PROTOCOL_VERSION = 6
+
+
+class Pending(Protocol):
+    """A call's result-to-be, as the broker sees it."""
+
+    def resolve(self, value: Any) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+class PendingCall:
+    """The default pending result: a plain object with callbacks (no event loop needed).
+
+    ``done``, ``result`` and ``error`` say where it stands;
+    :meth:`add_callbacks` runs a callback now if it is already settled.
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._callbacks: list[tuple[Callable[[Any], object], Callable[[BaseException], object]]] = []
+
+    def resolve(self, value: Any) -> None:
+        self._settle(value, None)
+
+    def fail(self, error: BaseException) -> None:
+        self._settle(None, error)
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done, self.result, self.error = True, value, error
+        callbacks, self._callbacks = self._callbacks, []
+        for on_result, on_error in callbacks:
+            self._run(on_result, on_error)
+
+    def add_callbacks(
+        self, on_result: Callable[[Any], object], on_error: Callable[[BaseException], object] = lambda e: None
+    ) -> None:
+        """Call ``on_result(value)`` or ``on_error(exception)`` once it settles."""
+        if self.done:
+            self._run(on_result, on_error)
+        else:
+            self._callbacks.append((on_result, on_error))
+
+    def _run(self, on_result: Callable[[Any], object], on_error: Callable[[BaseException], object]) -> None:
+        if self.error is None:
+            on_result(self.result)
+        else:
+            on_error(self.error)
+
+    def unwrap(self) -> Any:
+        """The result, or raise the error; LookupError if not settled yet."""
+        if not self.done:
+            raise LookupError("the call has not been answered yet")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class MessageError(ProtocolError):
+    """A PB message has the wrong shape (arity or types)."""
+
+
+_ROOT = b"root"
+
+
+class Broker:
+    """One PB connection's state: handshake, object tables, calls in flight.
+
+    *root* (a :class:`~pbcore.flavors.Root` or anything with
+    ``rootObject(broker)``) is what the peer reaches as ``b"root"``.
+    *security* decides what may be unjellied; *limits* bound what the peer
+    may send; *unsafe_tracebacks* sends tracebacks with errors.
+    *pending_factory* makes the pending result of each call; *wake_up* is
+    called (from any thread) when a collected reference has queued a
+    ``decref``, so the adapter can flush :meth:`data_to_send`.
+    """
+
+    version = PROTOCOL_VERSION
+
+    def __init__(
+        self,
+        is_client: bool,
+        root: Any = None,
+        *,
+        security: SecurityOptions = globalSecurity,
+        limits: Limits = DEFAULT_LIMITS,
+        unsafe_tracebacks: bool = False,
+        pending_factory: Callable[[], Pending] = PendingCall,
+        wake_up: Callable[[], None] | None = None,
+    ) -> None:
+        self.is_client = is_client
+        self.security = security
+        self.limits = limits
+        self.unsafe_tracebacks = unsafe_tracebacks
+        self.pending_factory = pending_factory
+        self.wake_up = wake_up
+        self.dialect: bytes | None = None
+        self.ready = False
+        self.closed = False
+        self.close_reason: BaseException | None = None
+        self._decoder = Decoder(b"none", limits)
+        self._encoders = {dialect: ValueEncoder(dialect, limits, security) for dialect in DIALECTS}
+        self._plain = {dialect: Encoder(dialect, limits) for dialect in DIALECTS}
+        self._out = bytearray()
+        self._events: list[Event] = []
+        self._root = root.rootObject(self) if root is not None and hasattr(root, "rootObject") else root
+        #: luid -> Local: the objects the peer holds references to.
+        self.localObjects: dict[Any, Local] = {}
+        if self._root is not None:
+            self.localObjects[_ROOT] = Local(self._root)
+        self._luids: dict[Any, int] = {}  # processUniqueID -> luid
+        self._next_luid = 0
+        self._next_request = 0
+        self._waiting: dict[int, Pending] = {}
+        self._decrefs: collections.deque[Any] = collections.deque()
+        self._disconnects: list[Callable[[], object]] = []
+        self._connects: list[Callable[[], object]] | None = []
+        self._ref_violations = 0
+        self._unjelly_handlers = {b"remote": self._unjelly_remote, b"local": self._unjelly_local}
+        #: The perspective being serialized for (read by Viewable/Copyable).
+        self.serializingPerspective: Any = None
+
+    # -- the Sans-IO surface ------------------------------------------------------
+
+    def connection_made(self) -> None:
+        """The transport is up: a server offers its dialects."""
+        if not self.is_client:
+            self._send_plain(list(DIALECTS), b"none")
+
+    def receive_data(self, data: bytes) -> None:
+        """Parse bytes from the peer; raises ProtocolError (after closing) on bad input."""
+        if self.closed:
+            return
+        try:
+            self._decoder.feed(data)
+            while not self.closed:
+                expression = self._decoder.next_expression()
+                if expression is None:
+                    break
+                self._dispatch(expression)
+        except ProtocolError as error:
+            self.connection_lost(error)
+            raise
+
+    def events(self) -> list[Event]:
+        """Take the events that have happened since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Take the bytes to write to the peer (including any queued decrefs)."""
+        while self._decrefs:
+            luid = self._decrefs.popleft()
+            if not self.closed:
+                self._send_plain([b"decref", luid])
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def connection_lost(self, reason: BaseException | None = None) -> None:
+        """The connection is gone: fail pending calls, run disconnect notifiers (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        waiting, self._waiting = self._waiting, {}
+        for pending in waiting.values():
+            pending.fail(PBConnectionLost(reason) if reason is not None else PBConnectionLost())
+        notifiers, self._disconnects = self._disconnects, []
+        for notifier in notifiers:
+            notifier()
+        self._events.append(ConnectionClosed(reason))
+        self._decrefs.clear()
+
+    # -- Twisted's names for notification --------------------------------------------
+
+    def notifyOnConnect(self, notifier: Callable[[], object]) -> None:
+        """Call *notifier* when the handshake completes (at once if it has)."""
+        if self._connects is None:
+            notifier()
+        else:
+            self._connects.append(notifier)
+
+    def notifyOnDisconnect(self, notifier: Callable[[], object]) -> None:
+        """Call *notifier* once when the connection is lost."""
+        self._disconnects.append(notifier)
+
+    def dontNotifyOnDisconnect(self, notifier: Callable[[], object]) -> None:
+        """Undo :meth:`notifyOnDisconnect` (no error if it was not registered)."""
+        if notifier in self._disconnects:
+            self._disconnects.remove(notifier)
+
+    def notifyOnFail(self, notifier: Callable[[], object]) -> None:
+        """Call *notifier* if the connection closes before the handshake completes."""
+        self.notifyOnDisconnect(lambda: None if self.ready else notifier())
+
+    # -- references ---------------------------------------------------------------------
+
+    def remoteForName(self, name: str | bytes) -> RemoteReference:
+        """A reference to the peer's object of that name (``"root"``), not reference-counted."""
+        return RemoteReference(None, self, name.encode("utf-8") if isinstance(name, str) else name, False)
+
+    def root(self) -> RemoteReference:
+        """The peer's root object."""
+        return self.remoteForName(_ROOT)
+
+    def registerReference(self, obj: Any) -> int:
+        """Count one more reference to *obj* held by the peer; return its luid."""
+        puid = obj.processUniqueID()
+        luid = self._luids.get(puid)
+        if luid is not None:
+            self.localObjects[luid].incref()
+            return luid
+        if len(self.localObjects) > MAX_BROKER_REFS:
+            self._ref_violations += 1
+            if self._ref_violations > 3:
+                self.connection_lost(Error("Maximum PB reference count exceeded. Goodbye."))
+                raise Error("Maximum PB reference count exceeded. Goodbye.")
+            raise Error("Maximum PB reference count exceeded.")
+        self._next_luid += 1
+        luid = self._next_luid
+        self.localObjects[luid] = Local(obj, self.serializingPerspective)
+        self._luids[puid] = luid
+        return luid
+
+    def localObjectForID(self, luid: Any) -> Any:
+        """The local object the peer knows as *luid*, or None."""
+        local = self.localObjects.get(luid)
+        return None if local is None else local.object
+
+    def queueDecRef(self, luid: Any) -> None:
+        """Note that a RemoteReference was collected (safe from any thread or finalizer)."""
+        if self.closed:
+            return
+        self._decrefs.append(luid)
+        wake_up = self.wake_up
+        if wake_up is not None:
+            wake_up()
+
+    def _unjelly_remote(self, unjellier: Unjellier, expression: list[Any]) -> RemoteReference:
+        if len(expression) != 2 or type(expression[1]) is not int:
+            raise JellyError(f"a remote reference is [remote, luid], got {expression!r:.60}")
+        return RemoteReference(unjellier.invoker.unserializingPerspective, self, expression[1], True)
+
+    def _unjelly_local(self, unjellier: Unjellier, expression: list[Any]) -> Any:
+        if len(expression) != 2:
+            raise JellyError(f"a local reference is [local, luid], got {expression!r:.60}")
+        local = self.localObjects.get(expression[1])
+        if local is None:
+            raise JellyError(f"the peer sent back a reference to unknown object {expression[1]!r:.40}")
+        return local.object
+
+    unserializingPerspective: Any = None
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send_call(
+        self,
+        perspective: Any,
+        objectID: Any,
+        name: str,
+        args: tuple[Any, ...],
+        kw: dict[str, Any],
+        *,
+        answer: bool = True,
+    ) -> Pending | None:
+        """Send a call; return its pending result (None for a one-way call)."""
+        if self.closed:
+            raise DeadReferenceError("Calling Stale Broker")
+        self._next_request += 1
+        request_id = self._next_request
+        head: list[Sexp] = [b"message", request_id, objectID, name.encode("utf-8"), 1 if answer else 0]
+        self._send_values(head, [tuple(args), dict(kw)], perspective)
+        if not answer:
+            return None
+        pending = self.pending_factory()
+        self._waiting[request_id] = pending
+        return pending
+
+    def send_answer(self, request_id: int, result: Any, perspective: Any = None) -> None:
+        """Answer the peer's call *request_id* with *result*."""
+        if not self.closed:
+            self._send_values([b"answer", request_id], [result], perspective)
+
+    def send_error(self, request_id: int, error: BaseException) -> None:
+        """Answer the peer's call *request_id* with an error.
+
+        An :class:`~pbcore.errors.Error` that can travel as itself (Jellyable
+        or allowed by the security options) does; anything else travels as a
+        CopyableFailure (with its traceback only if ``unsafe_tracebacks``).
+        """
+        if self.closed:
+            return
+        sendable = isinstance(error, Error) and (
+            hasattr(type(error), "jellyFor") or self.security.isClassAllowed(type(error))
+        )
+        failure = error if sendable else CopyableFailure(error, self.unsafe_tracebacks)
+        self._send_values([b"error", request_id], [failure], None)
+
+    def cancel(self, request_id: int) -> None:
+        """Stop waiting for *request_id*: a late answer will be dropped."""
+        self._waiting.pop(request_id, None)
+
+    def _send_values(self, head: list[Sexp], values: list[Any], perspective: Any) -> None:
+        if self.dialect is None:
+            raise Error("the PB handshake is not complete: wait for the Ready event")
+        encoder = self._encoders[self.dialect]
+        self.serializingPerspective = perspective
+        try:
+            self._out += encoder.encode_list(head, values, invoker=self)
+        finally:
+            self.serializingPerspective = None
+
+    def _send_plain(self, sexp: Sexp, dialect: bytes | None = None) -> None:
+        self._plain[dialect or self.dialect or b"none"].encode_into(sexp, self._out)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _dispatch(self, expression: Sexp) -> None:
+        if self.dialect is None:
+            self._handshake(expression)
+            return
+        if type(expression) is not list or not expression or type(expression[0]) is not bytes:
+            raise MessageError(f"a PB message is a list starting with a command, got {expression!r:.80}")
+        command = expression[0]
+        handler = self._COMMANDS.get(command)
+        if handler is None:
+            self._send_plain([b"didNotUnderstand", command])
+            return
+        handler(self, expression)
+
+    def _handshake(self, expression: Sexp) -> None:
+        if self.is_client:
+            offered = expression if type(expression) is list else []
+            chosen = next((d for d in offered if type(d) is bytes and d in DIALECTS), None)
+            if chosen is None:
+                raise ProtocolError(f"the server offers no dialect we speak: {expression!r:.80}")
+            self._send_plain(chosen, b"none")
+        else:
+            if type(expression) is not bytes or expression not in DIALECTS:
+                raise ProtocolError(f"the client chose a dialect we did not offer: {expression!r:.80}")
+            chosen = expression
+        self.dialect = chosen
+        self._decoder.dialect = chosen
+        self._send_plain([b"version", self.version])
+
+    def _version(self, expression: list[Any]) -> None:
+        _arity(expression, 2)
+        if expression[1] != self.version:
+            raise ProtocolError(f"the peer speaks PB version {expression[1]!r:.20}, we speak {self.version}")
+        if not self.ready:
+            self.ready = True
+            assert self.dialect is not None
+            self._events.append(Ready(self.dialect))
+            connects, self._connects = self._connects or [], None
+            for notifier in connects:
+                notifier()
+
+    def _message(self, expression: list[Any]) -> None:
+        _arity(expression, 7)
+        _, request_id, object_id, name, answer, net_args, net_kw = expression
+        if type(request_id) is not int or type(name) is not bytes or type(answer) is not int:
+            raise MessageError(f"malformed message: {expression[:5]!r:.120}")
+        try:
+            method = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MessageError(f"method name is not UTF-8: {name!r:.60}") from None
+        target = self.localObjectForID(object_id) if type(object_id) in (bytes, int) else None
+        try:
+            if target is None:
+                raise Error("Invalid Object ID")
+            unjellier = self._unjellier(getattr(target, "perspective", None))
+            args = unjellier.unjellyFull(net_args)
+            kwargs = self._unjellier(getattr(target, "perspective", None)).unjellyFull(net_kw)
+            if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+                raise JellyError("a call's arguments must be a tuple and a dictionary")
+            kwargs = {k.decode("utf-8") if isinstance(k, bytes) else k: v for k, v in kwargs.items()}
+            if not all(isinstance(k, str) for k in kwargs):
+                raise JellyError("keyword argument names must be strings")
+        except (Error, JellyError) as error:
+            # The connection is fine; this call is not.
+            if answer:
+                self.send_error(request_id, error)
+            return
+        self._events.append(CallReceived(request_id, target, method, tuple(args), kwargs, bool(answer), self))
+
+    def _answer(self, expression: list[Any]) -> None:
+        _arity(expression, 3)
+        pending = self._take_pending(expression[1])
+        try:
+            result = self._unjellier(None).unjellyFull(expression[2])
+        except JellyError as error:
+            if pending is not None:
+                pending.fail(error)
+            return
+        if pending is not None:
+            pending.resolve(result)
+            self._events.append(AnswerReceived(expression[1], result))
+
+    def _error(self, expression: list[Any]) -> None:
+        _arity(expression, 3)
+        pending = self._take_pending(expression[1])
+        try:
+            failure = self._unjellier(None).unjellyFull(expression[2])
+        except JellyError as error:
+            failure = error
+        if not isinstance(failure, BaseException):
+            failure = RemoteError("unknown", repr(failure)[:200], "")
+        if pending is not None:
+            pending.fail(failure)
+            self._events.append(ErrorReceived(expression[1], failure))
+
+    def _take_pending(self, request_id: Any) -> Pending | None:
+        if type(request_id) is not int:
+            raise MessageError(f"request id must be an int, got {request_id!r:.40}")
+        if request_id not in self._waiting:
+            if 0 < request_id <= self._next_request:
+                return None  # cancelled locally: the late answer is dropped
+            raise MessageError(f"answer to request {request_id}, which was never sent")
+        return self._waiting.pop(request_id)
+
+    def _decref(self, expression: list[Any]) -> None:
+        _arity(expression, 2)
+        luid = expression[1]
+        if luid == _ROOT:
+            return  # the root is not counted; Twisted never sends this
+        local = self.localObjects.get(luid) if type(luid) is int else None
+        if local is None:
+            raise MessageError(f"decref of unknown object {luid!r:.40}")
+        freed = local.decref() <= 0
+        if freed:
+            del self.localObjects[luid]
+            self._luids.pop(local.object.processUniqueID(), None)
+        self._events.append(DecRefReceived(luid, freed))
+
+    def _did_not_understand(self, expression: list[Any]) -> None:
+        _arity(expression, 2)
+        command = expression[1]
+        self._events.append(NotUnderstood(command if type(command) is bytes else repr(command).encode()))
+
+    def _cache_command(self, expression: list[Any]) -> None:
+        # Cacheable is not implemented yet: no cache ids exist on this side.
+        if expression[0] == b"cachemessage":
+            _arity(expression, 7)
+            if expression[4]:
+                self.send_error(expression[1], Error("Invalid Object ID"))
+            return
+        raise MessageError(f"{expression[0].decode()} for unknown cache {expression[1:]!r:.40}")
+
+    _COMMANDS: dict[bytes, Callable[[Broker, list[Any]], None]]
+
+    def _unjellier(self, perspective: Any) -> Unjellier:
+        self.unserializingPerspective = perspective
+        return Unjellier(self.security, self, self._unjelly_handlers, self.limits)
+
+
+Broker._COMMANDS = {
+    b"version": Broker._version,
+    b"message": Broker._message,
+    b"answer": Broker._answer,
+    b"error": Broker._error,
+    b"decref": Broker._decref,
+    b"didNotUnderstand": Broker._did_not_understand,
+    b"cachemessage": Broker._cache_command,
+    b"decache": Broker._cache_command,
+    b"uncache": Broker._cache_command,
+}
+
+
+def _arity(expression: list[Any], size: int) -> None:
+    if len(expression) != size:
+        name = expression[0].decode("utf-8", "replace")
+        raise MessageError(f"{name} message has {len(expression) - 1} items, expected {size - 1}")

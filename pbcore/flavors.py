@@ -1,0 +1,416 @@
+"""PB's object flavors: how objects travel between brokers.
+
+* :class:`Referenceable` travels as a *reference*: the peer gets a
+  :class:`RemoteReference` whose ``callRemote("x", ...)`` runs ``remote_x``
+  here. :class:`Root` is the one a connection starts from.
+* :class:`Viewable` travels as a :class:`ViewPoint`: calls run ``view_x`` with
+  the caller's perspective first.
+* :class:`Copyable` travels as a *copy*: its state is sent, and the peer builds
+  the :class:`RemoteCopy` registered for its copy tag.
+
+The flavors talk to the broker only through ``jellier.invoker`` /
+``unjellier.invoker`` (see :mod:`pbcore.jelly`), so this module does not
+import the broker.
+"""
+
+from __future__ import annotations
+
+import traceback as traceback_module
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import DeadReferenceError, Error, JellyError, NoSuchMethod, PBConnectionLost, ProtocolError, RemoteError
+from .jelly import (
+    Jellier,
+    Jellyable,
+    Unjellier,
+    qual,
+    setUnjellyableFactoryForClass,
+    setUnjellyableForClass,
+    setUnjellyableForClassTree,
+)
+from .jelly import unjellyableRegistry as copyTags
+
+__all__ = [
+    "MAX_BROKER_REFS",
+    "AsReferenceable",
+    "CopiedFailure",
+    "Copyable",
+    "CopyableFailure",
+    "IPBRoot",
+    "Jellyable",
+    "Local",
+    "Referenceable",
+    "RemoteCopy",
+    "RemoteMethod",
+    "RemoteReference",
+    "Root",
+    "Serializable",
+    "ViewPoint",
+    "Viewable",
+    "copyTags",
+    "failure2Copyable",
+    "setCopierForClass",
+    "setCopierForClassTree",
+    "setFactoryForClass",
+]
+
+#: How many objects one broker will hold references for; more is an Error,
+#: and a peer that keeps trying is disconnected (as Twisted does).
+MAX_BROKER_REFS = 1024
+
+setCopierForClass = setUnjellyableForClass
+setCopierForClassTree = setUnjellyableForClassTree
+setFactoryForClass = setUnjellyableFactoryForClass
+
+
+class Serializable(Jellyable):
+    """An object that can be passed to or returned from a remote method."""
+
+    def processUniqueID(self) -> Any:
+        """What identifies this object for reference counting: ``id(self)`` by default."""
+        return id(self)
+
+
+class Referenceable(Serializable):
+    """Sent by reference: the peer calls ``remote_*`` methods through a RemoteReference."""
+
+    #: The perspective the object's results are serialized for (None: anonymous).
+    perspective: Any = None
+
+    def remoteMessageReceived(self, broker: Any, message: str, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        """Run ``remote_<message>(*args, **kw)`` and return its result (or awaitable).
+
+        *args* and *kw* arrive already unjellied. A missing method is
+        :class:`NoSuchMethod`, which the caller receives as an error answer.
+        """
+        method = getattr(self, "remote_" + message, None)
+        if method is None:
+            raise NoSuchMethod(f"No such method: remote_{message}")
+        return method(*args, **kw)
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        """A reference: ``[b"remote", luid]``, counted by the broker doing the sending."""
+        return [b"remote", _broker_of(jellier, self).registerReference(self)]
+
+
+@runtime_checkable
+class IPBRoot(Protocol):
+    """Gives each connection its root object."""
+
+    def rootObject(self, broker: Any) -> Any:
+        """The object the peer reaches as ``b"root"`` on this connection."""
+        ...
+
+
+class Root(Referenceable):
+    """The object a server's peers start from; by default the same one for every connection."""
+
+    def rootObject(self, broker: Any) -> Any:
+        """Return the root for *broker*'s connection (override for one per connection)."""
+        return self
+
+
+class AsReferenceable(Referenceable):
+    """Makes any object callable by reference: ``remote_x`` on me calls ``x`` on it."""
+
+    def __init__(self, object: Any, messageType: str = "remote") -> None:
+        for name in dir(object):
+            if not name.startswith("_"):
+                setattr(self, f"{messageType}_{name}", getattr(object, name))
+
+
+class ViewPoint(Referenceable):
+    """A reference to an object as seen by one perspective: calls run ``view_x(perspective, ...)``."""
+
+    def __init__(self, perspective: Any, object: Any) -> None:
+        self.perspective = perspective
+        self.object = object
+
+    def processUniqueID(self) -> Any:
+        return (id(self.perspective), id(self.object))
+
+    def remoteMessageReceived(self, broker: Any, message: str, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        method = getattr(self.object, "view_" + message, None)
+        if method is None:
+            raise NoSuchMethod(f"No such method: view_{message}")
+        return method(self.perspective, *args, **kw)
+
+
+class Viewable(Serializable):
+    """Sent as a ViewPoint for the perspective it is being sent to."""
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        return ViewPoint(_broker_of(jellier, self).serializingPerspective, self).jellyFor(jellier)
+
+
+class Copyable(Serializable):
+    """Sent as a copy: ``[copy_tag, state]``; the peer builds the class registered for the tag."""
+
+    def getStateToCopy(self) -> Any:
+        """The state to send: the instance ``__dict__`` by default."""
+        return self.__dict__
+
+    def getStateToCopyFor(self, perspective: Any) -> Any:
+        """The state to send to *perspective*: :meth:`getStateToCopy` by default."""
+        return self.getStateToCopy()
+
+    def getTypeToCopy(self) -> bytes:
+        """The copy tag: the qualified class name by default."""
+        return qual(type(self)).encode("utf-8")
+
+    def getTypeToCopyFor(self, perspective: Any) -> bytes:
+        """The copy tag for *perspective*: :meth:`getTypeToCopy` by default."""
+        return self.getTypeToCopy()
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        perspective = getattr(jellier.invoker, "serializingPerspective", None)
+        sexp = jellier.prepare(self)
+        sexp.extend([self.getTypeToCopyFor(perspective), jellier.jelly(self.getStateToCopyFor(perspective))])
+        return jellier.preserve(self, sexp)
+
+
+class RemoteCopy:
+    """The local representation of a peer's Copyable; register it with :func:`setCopierForClass`."""
+
+    def setCopyableState(self, state: Any) -> None:
+        """Take the state the peer sent: it becomes the instance ``__dict__`` by default."""
+        if not isinstance(state, dict):
+            raise JellyError(f"{type(self).__qualname__} expects its state as a dictionary")
+        self.__dict__ = state
+
+    def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> Any:
+        if len(jellyList) != 2:
+            raise JellyError(f"a copy is [tag, state], got {len(jellyList)} items")
+        self.setCopyableState(unjellier.unjelly(jellyList[1]))
+        return self
+
+
+class Local:
+    """The broker's entry for one object the peer holds references to."""
+
+    def __init__(self, object: Any, perspective: Any = None) -> None:
+        self.object = object
+        self.perspective = perspective
+        self.refcount = 1
+
+    def __repr__(self) -> str:
+        return f"<Local {self.object!r} refs={self.refcount}>"
+
+    def incref(self) -> int:
+        self.refcount += 1
+        return self.refcount
+
+    def decref(self) -> int:
+        self.refcount -= 1
+        return self.refcount
+
+
+class RemoteReference(Serializable):
+    """A reference to an object on the peer: ``await ref.callRemote("name", ...)``.
+
+    Each one counts as one reference on the peer; when it is garbage
+    collected, the broker tells the peer (a ``decref``). Two references to the
+    same remote object compare equal.
+    """
+
+    def __init__(self, perspective: Any, broker: Any, luid: Any, doRefCount: bool) -> None:
+        self.luid = luid
+        self.broker = broker
+        self.doRefCount = doRefCount
+        self.perspective = perspective
+        self._disconnect_callbacks: list[Callable[[RemoteReference], object]] = []
+
+    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Any:
+        """Call ``remote_<_name>(*args, **kw)`` on the peer's object.
+
+        Returns the pending result the broker's adapter makes (an awaitable in
+        asyncio and trio). With ``pbanswer=False`` the call is one-way and
+        returns None. Raises :class:`DeadReferenceError` once the connection is gone.
+        """
+        name = _name.decode("utf-8") if isinstance(_name, bytes) else _name
+        answer = kw.pop("pbanswer", True)
+        return self.broker.send_call(self.perspective, self.luid, name, args, kw, answer=bool(answer))
+
+    def remoteMethod(self, key: str) -> RemoteMethod:
+        """A callable for one method: ``ref.remoteMethod("x")(1)`` is ``ref.callRemote("x", 1)``."""
+        return RemoteMethod(self, key)
+
+    def notifyOnDisconnect(self, callback: Callable[[RemoteReference], object]) -> None:
+        """Call ``callback(self)`` once when the connection is lost."""
+        self._disconnect_callbacks.append(callback)
+        if len(self._disconnect_callbacks) == 1:
+            self.broker.notifyOnDisconnect(self._disconnected)
+
+    def dontNotifyOnDisconnect(self, callback: Callable[[RemoteReference], object]) -> None:
+        """Undo :meth:`notifyOnDisconnect`."""
+        self._disconnect_callbacks.remove(callback)
+        if not self._disconnect_callbacks:
+            self.broker.dontNotifyOnDisconnect(self._disconnected)
+
+    def _disconnected(self) -> None:
+        callbacks, self._disconnect_callbacks = self._disconnect_callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        """Sent back to its owner, a reference becomes ``[b"local", luid]``: the original object."""
+        if jellier.invoker is not self.broker:
+            raise DeadReferenceError("a RemoteReference can only be sent back over its own connection")
+        return [b"local", self.luid]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RemoteReference):
+            return NotImplemented
+        return self.broker is other.broker and self.luid == other.luid
+
+    def __hash__(self) -> int:
+        return hash((id(self.broker), self.luid))
+
+    def __repr__(self) -> str:
+        return f"<RemoteReference {self.luid!r}>"
+
+    def __del__(self) -> None:
+        # Runs in whatever thread the collector does; the broker only queues.
+        if self.doRefCount:
+            broker = getattr(self, "broker", None)
+            if broker is not None:
+                broker.queueDecRef(self.luid)
+
+
+class RemoteMethod:
+    """One method of a remote object, as a callable."""
+
+    def __init__(self, obj: RemoteReference, name: str) -> None:
+        self.obj = obj
+        self.name = name
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.obj.callRemote(self.name, *args, **kw)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteMethod) and (self.obj, self.name) == (other.obj, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.obj, self.name))
+
+
+# -- failures ------------------------------------------------------------------
+
+#: The copy tag errors travel under, as Twisted names it.
+FAILURE_TAG = b"twisted.spread.pb.CopyableFailure"
+
+# pbcore's PB errors travel under Twisted's names, so that a Twisted peer's
+# failure.trap(pb.Error) matches ours, and ours matches theirs.
+_WIRE_NAMES = {
+    qual(Error): "twisted.spread.pb.Error",
+    qual(NoSuchMethod): "twisted.spread.flavors.NoSuchMethod",
+    qual(DeadReferenceError): "twisted.spread.pb.DeadReferenceError",
+    qual(PBConnectionLost): "twisted.spread.pb.PBConnectionLost",
+    qual(ProtocolError): "twisted.spread.pb.ProtocolError",
+    qual(RemoteError): "twisted.spread.pb.RemoteError",
+}
+
+
+def wire_name(cls: type) -> str:
+    """The class name an exception travels under (Twisted's, for pbcore's PB errors)."""
+    name = qual(cls)
+    return _WIRE_NAMES.get(name, name)
+
+
+class CopyableFailure(Copyable):
+    """An exception, as it is sent to the peer (the state Twisted's CopiedFailure reads).
+
+    The traceback is sent only when ``unsafeTracebacks`` is set: it may show
+    file names and code.
+    """
+
+    unsafeTracebacks = False
+
+    def __init__(self, exception: BaseException, unsafeTracebacks: bool = False) -> None:
+        self.exception = exception
+        self.unsafeTracebacks = unsafeTracebacks
+
+    def getTypeToCopy(self) -> bytes:
+        return FAILURE_TAG
+
+    def getStateToCopy(self) -> dict[str, Any]:
+        kind = type(self.exception)
+        if self.unsafeTracebacks:
+            text = "".join(traceback_module.format_exception(kind, self.exception, self.exception.__traceback__))
+        else:
+            text = "Traceback unavailable\n"
+        return {
+            "type": wire_name(kind).encode("utf-8"),
+            "value": str(self.exception),
+            "traceback": text,
+            "parents": [wire_name(base) for base in kind.__mro__],
+            "frames": [],
+            "stack": [],
+            "tb": None,
+            "captureVars": False,
+            "unsafeTracebacks": self.unsafeTracebacks,
+            "count": 0,
+        }
+
+
+def failure2Copyable(fail: BaseException, unsafeTracebacks: bool = False) -> CopyableFailure:
+    """Wrap an exception for sending to the peer."""
+    return CopyableFailure(fail, unsafeTracebacks)
+
+
+class CopiedFailure(RemoteCopy, RemoteError):
+    """An exception raised on the peer: awaiting the call raises it.
+
+    ``remoteType`` (also ``type``) is the peer's exception class name, ``value``
+    its message, ``remoteTraceback`` (also ``traceback``) the traceback if the
+    peer sent one, ``parents`` the class names of its bases.
+    """
+
+    def __init__(self, remoteType: str, value: str, remoteTraceback: str = "", parents: list[str] | None = None):
+        RemoteError.__init__(self, remoteType, value, remoteTraceback)
+        self.type = remoteType
+        self.value = value
+        self.traceback = remoteTraceback
+        self.parents = parents or [remoteType]
+
+    def setCopyableState(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise JellyError("a failure's state must be a dictionary")
+        kind = state.get("type")
+        if isinstance(kind, bytes):
+            kind = kind.decode("utf-8", "replace")
+        parents = state.get("parents")
+        self.__init__(  # type: ignore[misc]
+            str(kind),
+            str(state.get("value", "")),
+            str(state.get("traceback", "")),
+            [str(parent) for parent in parents] if isinstance(parents, list) else None,
+        )
+
+    def check(self, *errorTypes: type[BaseException] | str) -> type[BaseException] | str | None:
+        """The first of *errorTypes* the remote exception is an instance of (by name), or None."""
+        for error in errorTypes:
+            name = error if isinstance(error, str) else wire_name(error)
+            if name in self.parents:
+                return error
+        return None
+
+    def trap(self, *errorTypes: type[BaseException] | str) -> type[BaseException] | str:
+        """Like :meth:`check`, but re-raise this failure if none matches."""
+        found = self.check(*errorTypes)
+        if found is None:
+            raise self
+        return found
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.value}"
+
+
+setUnjellyableForClass(FAILURE_TAG, CopiedFailure)
+
+
+def _broker_of(jellier: Jellier, obj: object) -> Any:
+    if jellier.invoker is None:
+        raise Error(f"{type(obj).__qualname__} can only be sent through a broker (jelly it with an invoker)")
+    return jellier.invoker

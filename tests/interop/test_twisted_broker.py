@@ -1,0 +1,322 @@
+"""pbcore's Broker against Twisted's own pb.Broker, in memory (StringTransport, no sockets).
+
+Both directions: a pbcore client calling a Twisted server, and a Twisted
+client calling a pbcore server. Twisted's Deferreds fire synchronously as the
+bytes are fed in, so the exchange is driven by hand, step by step.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pbcore import flavors
+from pbcore.broker import Broker, PendingCall
+from pbcore.errors import Error, NoSuchMethod, PBConnectionLost, ProtocolError
+from pbcore.events import CallReceived, DecRefReceived
+from pbcore.testing import run_call
+
+pb: Any = pytest.importorskip("twisted.spread.pb")
+testing: Any = pytest.importorskip("twisted.internet.testing")
+
+
+# -- the Twisted side ------------------------------------------------------------------
+
+
+class TwistedThing(pb.Referenceable):  # type: ignore[misc]
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def remote_n(self) -> int:
+        return self.n
+
+
+class TwistedPoint(pb.Copyable):  # type: ignore[misc]
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+
+class TwistedRoot(pb.Root):  # type: ignore[misc]
+    def remote_echo(self, *args: Any, **kw: Any) -> Any:
+        return [list(args), kw]
+
+    def remote_thing(self, n: int) -> Any:
+        return TwistedThing(n)
+
+    def remote_point(self) -> Any:
+        return TwistedPoint(3, 4)
+
+    def remote_fail(self) -> None:
+        raise ValueError("nope")
+
+    def remote_known(self) -> None:
+        raise pb.Error("known")
+
+    def remote_call_back(self, ref: Any, *args: Any) -> Any:
+        # Call the caller's object and answer with what it answers.
+        return ref.callRemote("twice", *args)
+
+    def remote_same(self, ref: Any) -> Any:
+        return ref
+
+
+class Point(flavors.RemoteCopy):
+    """Our copy of TwistedPoint."""
+
+    x: int
+    y: int
+
+
+@pytest.fixture
+def point_registered() -> Iterator[None]:
+    tag = b"tests.interop.test_twisted_broker.TwistedPoint"
+    flavors.setCopierForClass(tag, Point)
+    yield
+    flavors.copyTags.pop(tag, None)
+
+
+class Connection:
+    """Our broker and Twisted's, joined by a StringTransport, pumped by hand."""
+
+    def __init__(self, ours: Broker, theirs: Any) -> None:
+        self.ours = ours
+        self.theirs = theirs
+        self.transport = testing.StringTransport()
+        self.events: list[Any] = []
+        ours.connection_made()
+        theirs.makeConnection(self.transport)
+        self.pump()
+
+    def pump(self) -> None:
+        for _ in range(100):
+            moved = False
+            outgoing = self.ours.data_to_send()
+            if outgoing:
+                moved = True
+                self.theirs.dataReceived(outgoing)
+            incoming = self.transport.value()
+            if incoming:
+                moved = True
+                self.transport.clear()
+                self.ours.receive_data(incoming)
+            for event in self.ours.events():
+                if not isinstance(event, CallReceived):
+                    self.events.append(type(event).__name__ if not isinstance(event, DecRefReceived) else event)
+                else:
+                    run_call(self.ours, event)
+                    moved = True
+            if not moved:
+                return
+        raise AssertionError("still talking after 100 rounds")
+
+
+def served_by_twisted(root: Any = None) -> Connection:
+    factory = pb.PBServerFactory(root or TwistedRoot())
+    return Connection(Broker(is_client=True), factory.buildProtocol(None))
+
+
+def call(connection: Connection, ref: Any, name: str, *args: Any, **kw: Any) -> PendingCall:
+    pending = ref.callRemote(name, *args, **kw)
+    connection.pump()
+    assert isinstance(pending, PendingCall)
+    assert pending.done, f"{name} was not answered"
+    return pending
+
+
+# -- pbcore client, Twisted server ------------------------------------------------------
+
+
+def test_handshake_with_a_twisted_server() -> None:
+    connection = served_by_twisted()
+    assert connection.ours.ready
+    assert connection.ours.dialect == b"pb"
+
+
+def test_calls_with_args_and_kwargs() -> None:
+    connection = served_by_twisted()
+    root = connection.ours.root()
+    assert call(connection, root, "echo", 1, "two", [3.5], k={"x": None}).unwrap() == [
+        [1, "two", [3.5]],
+        {"k": {"x": None}},
+    ]
+
+
+def test_references_from_twisted_are_counted_and_released() -> None:
+    connection = served_by_twisted()
+    root = connection.ours.root()
+    baseline = dict(connection.theirs.localObjects)
+    thing = call(connection, root, "thing", 7).unwrap()
+    assert isinstance(thing, flavors.RemoteReference)
+    assert call(connection, thing, "n").unwrap() == 7
+    assert len(connection.theirs.localObjects) == len(baseline) + 1
+    del thing
+    gc.collect()
+    connection.pump()
+    assert connection.theirs.localObjects == baseline
+
+
+def test_errors_from_twisted(point_registered: None) -> None:
+    connection = served_by_twisted()
+    root = connection.ours.root()
+    failed = call(connection, root, "fail").error
+    assert isinstance(failed, flavors.CopiedFailure)
+    assert failed.type == "builtins.ValueError" and failed.value == "nope"
+    assert failed.check(ValueError) is ValueError
+    known = call(connection, root, "known").error
+    assert isinstance(known, flavors.CopiedFailure)
+    assert known.check(Error) is Error  # Twisted's pb.Error matches pbcore's Error
+    missing = call(connection, root, "missing").error
+    assert isinstance(missing, flavors.CopiedFailure)
+    assert missing.check(NoSuchMethod) is NoSuchMethod
+    assert call(connection, root, "echo", 1).unwrap() == [[1], {}]  # and the connection lives
+
+
+def test_copy_from_twisted(point_registered: None) -> None:
+    connection = served_by_twisted()
+    point = call(connection, connection.ours.root(), "point").unwrap()
+    assert isinstance(point, Point)
+    assert (point.x, point.y) == (3, 4)
+
+
+class Doubler(flavors.Referenceable):
+    def remote_twice(self, x: Any) -> Any:
+        return x * 2
+
+
+def test_twisted_calls_back_our_referenceable() -> None:
+    connection = served_by_twisted()
+    ours = Doubler()
+    assert call(connection, connection.ours.root(), "call_back", ours, 21).unwrap() == 42
+    # Twisted dropped its reference to our Doubler once the call was done.
+    gc.collect()
+    connection.pump()
+    assert [luid for luid in connection.ours.localObjects if luid != b"root"] == []
+
+
+def test_reference_sent_back_to_twisted_is_its_own_object() -> None:
+    connection = served_by_twisted()
+    root = connection.ours.root()
+    thing = call(connection, root, "thing", 1).unwrap()
+    again = call(connection, root, "same", thing).unwrap()
+    assert again == thing  # Twisted got [local, luid] and sent its object back as [remote, luid]
+
+
+def test_one_way_call() -> None:
+    connection = served_by_twisted()
+    assert connection.ours.root().callRemote("echo", 1, pbanswer=False) is None
+    connection.pump()
+    assert not connection.ours._waiting
+
+
+def test_pending_calls_fail_when_the_connection_drops() -> None:
+    connection = served_by_twisted()
+    pending = connection.ours.root().callRemote("echo", 1)
+    connection.ours.connection_lost(ConnectionResetError("gone"))
+    assert isinstance(pending.error, PBConnectionLost)
+
+
+# -- Twisted client, pbcore server ------------------------------------------------------
+
+
+class Thing(flavors.Referenceable):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def remote_n(self) -> int:
+        return self.n
+
+
+class OurRoot(flavors.Root):
+    def remote_echo(self, *args: Any, **kw: Any) -> Any:
+        return [list(args), kw]
+
+    def remote_thing(self, n: int) -> Thing:
+        return Thing(n)
+
+    def remote_fail(self) -> None:
+        raise ValueError("nope")
+
+    def remote_known(self) -> None:
+        raise Error("known")
+
+
+def served_by_pbcore() -> tuple[Connection, Any]:
+    factory = pb.PBClientFactory()
+    connection = Connection(Broker(is_client=False, root=OurRoot()), factory.buildProtocol(None))
+    roots: list[Any] = []
+    factory.getRootObject().addCallback(roots.append)
+    connection.pump()
+    assert roots, "Twisted's client did not get our root"
+    return connection, roots[0]
+
+
+def twisted_call(connection: Connection, ref: Any, name: str, *args: Any) -> tuple[str, Any]:
+    outcome: list[tuple[str, Any]] = []
+    ref.callRemote(name, *args).addCallbacks(lambda v: outcome.append(("ok", v)), lambda f: outcome.append(("err", f)))
+    connection.pump()
+    assert outcome, f"{name} was not answered"
+    return outcome[0]
+
+
+def test_twisted_client_calls_us() -> None:
+    connection, root = served_by_pbcore()
+    assert twisted_call(connection, root, "echo", 1, b"two", "three") == ("ok", [[1, b"two", "three"], {}])
+
+
+def test_twisted_client_gets_and_releases_our_reference() -> None:
+    connection, root = served_by_pbcore()
+    kind, thing = twisted_call(connection, root, "thing", 9)
+    assert kind == "ok"
+    assert twisted_call(connection, thing, "n") == ("ok", 9)
+    assert len(connection.ours.localObjects) == 2
+    del thing
+    gc.collect()
+    connection.pump()
+    assert list(connection.ours.localObjects) == [b"root"]
+
+
+def test_twisted_client_sees_our_errors_as_failures() -> None:
+    connection, root = served_by_pbcore()
+    kind, failure = twisted_call(connection, root, "fail")
+    assert kind == "err"
+    assert failure.check(ValueError) is not None and failure.value == "nope"
+    kind, failure = twisted_call(connection, root, "known")
+    assert kind == "err"
+    assert failure.check(pb.Error) is not None  # our Error travels under Twisted's name
+    kind, failure = twisted_call(connection, root, "missing")
+    assert kind == "err"
+    assert failure.check(pb.NoSuchMethod) is not None
+    kind, failure = twisted_call(connection, root, "echo", 1)
+    assert kind == "ok"
+
+
+def test_unknown_command_gets_did_not_understand_and_the_connection_lives() -> None:
+    connection, root = served_by_pbcore()
+    connection.ours.receive_data(b"\x02\x80\x05\x82bogus\x01\x81")  # [b"bogus", 1]
+    assert connection.ours.data_to_send() == b"\x02\x80\x10\x82didNotUnderstand\x05\x82bogus"
+    assert twisted_call(connection, root, "echo", 2) == ("ok", [[2], {}])
+
+
+def test_wrong_version_closes_with_a_protocol_error() -> None:
+    ours = Broker(is_client=False, root=OurRoot())
+    ours.connection_made()
+    ours.data_to_send()
+    ours.receive_data(b"\x02\x82pb")  # the client picks pb
+    ours.data_to_send()
+    with pytest.raises(ProtocolError, match="version 5"):
+        ours.receive_data(b"\x02\x80\x13\x87\x05\x81")  # [version, 5]
+    assert ours.closed
+
+
+def test_decref_events_reach_the_application() -> None:
+    connection, root = served_by_pbcore()
+    _, thing = twisted_call(connection, root, "thing", 1)
+    luid = max(k for k in connection.ours.localObjects if k != b"root")
+    del thing
+    gc.collect()
+    connection.pump()
+    assert DecRefReceived(luid, True) in connection.events
+    assert list(connection.ours.localObjects) == [b"root"]

@@ -7,6 +7,7 @@ serialization) that speaks to ``twisted.spread.pb`` byte for byte.
 from __future__ import annotations
 
 from .banana import DEFAULT_LIMITS, Decoder, Encoder, Limits
+from .broker import Broker, PendingCall
 from .errors import (
     BananaError,
     DeadReferenceError,
@@ -19,6 +20,28 @@ from .errors import (
     ProtocolError,
     RemoteError,
 )
+from .flavors import (
+    MAX_BROKER_REFS,
+    AsReferenceable,
+    CopiedFailure,
+    Copyable,
+    CopyableFailure,
+    IPBRoot,
+    Local,
+    Referenceable,
+    RemoteCopy,
+    RemoteMethod,
+    RemoteReference,
+    Root,
+    Serializable,
+    Viewable,
+    ViewPoint,
+    copyTags,
+    failure2Copyable,
+    setCopierForClass,
+    setCopierForClassTree,
+    setFactoryForClass,
+)
 from .jelly import (
     Jellyable,
     SecurityOptions,
@@ -29,11 +52,6 @@ from .jelly import (
     setUnjellyableForClassTree,
 )
 
-#: The copy-tag registry under PB's names (see :mod:`pbcore.jelly`).
-setCopierForClass = setUnjellyableForClass
-setCopierForClassTree = setUnjellyableForClassTree
-setFactoryForClass = setUnjellyableFactoryForClass
-
 #: The TCP port PB servers listen on by convention.
 portno = 8787
 
@@ -41,7 +59,26 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "MAX_BROKER_REFS",
+    "AsReferenceable",
     "BananaError",
+    "Broker",
+    "CopiedFailure",
+    "Copyable",
+    "CopyableFailure",
+    "IPBRoot",
+    "Local",
+    "PendingCall",
+    "Referenceable",
+    "RemoteCopy",
+    "RemoteMethod",
+    "RemoteReference",
+    "Root",
+    "Serializable",
+    "ViewPoint",
+    "Viewable",
+    "copyTags",
+    "failure2Copyable",
     "DeadReferenceError",
     "Decoder",
     "Encoder",

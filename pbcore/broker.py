@@ -49,7 +49,15 @@ from .events import (
     NotUnderstood,
     Ready,
 )
-from .flavors import MAX_BROKER_REFS, CopyableFailure, Local, RemoteReference
+from .flavors import (
+    MAX_BROKER_REFS,
+    Cacheable,
+    CopyableFailure,
+    Local,
+    RemoteCache,
+    RemoteCacheObserver,
+    RemoteReference,
+)
 from .jelly import SecurityOptions, Unjellier, globalSecurity
 
 __all__ = ["PROTOCOL_VERSION", "Broker", "Pending", "PendingCall"]
@@ -173,11 +181,23 @@ class Broker:
         self._next_luid = 0
         self._next_request = 0
         self._waiting: dict[int, Pending] = {}
-        self._decrefs: collections.deque[Any] = collections.deque()
+        #: luid -> Local: the Cacheables whose caches the peer holds (the observed ones).
+        self.remotelyCachedObjects: dict[int, Local] = {}
+        self._cached_luids: dict[Any, int] = {}  # processUniqueID -> luid
+        #: luid -> the broker's own instance of each RemoteCache we hold.
+        self.locallyCachedObjects: dict[int, RemoteCache] = {}
+        # (command, luid) for collected references and caches; appended from
+        # finalizers, possibly in other threads (deque.append is atomic).
+        self._releases: collections.deque[tuple[bytes, Any]] = collections.deque()
         self._disconnects: list[Callable[[], object]] = []
         self._connects: list[Callable[[], object]] | None = []
         self._ref_violations = 0
-        self._unjelly_handlers = {b"remote": self._unjelly_remote, b"local": self._unjelly_local}
+        self._unjelly_handlers = {
+            b"remote": self._unjelly_remote,
+            b"local": self._unjelly_local,
+            b"cached": self._unjelly_cached,
+            b"lcache": self._unjelly_lcache,
+        }
         #: The perspective being serialized for (read by Viewable/Copyable).
         self.serializingPerspective: Any = None
 
@@ -210,10 +230,10 @@ class Broker:
 
     def data_to_send(self) -> bytes:
         """Take the bytes to write to the peer (including any queued decrefs)."""
-        while self._decrefs:
-            luid = self._decrefs.popleft()
+        while self._releases:
+            command, luid = self._releases.popleft()
             if not self.closed:
-                self._send_plain([b"decref", luid])
+                self._send_plain([command, luid])
         data = bytes(self._out)
         self._out.clear()
         return data
@@ -227,11 +247,14 @@ class Broker:
         waiting, self._waiting = self._waiting, {}
         for pending in waiting.values():
             pending.fail(PBConnectionLost(reason) if reason is not None else PBConnectionLost())
+        observed, self.remotelyCachedObjects = self.remotelyCachedObjects, {}
+        for local in observed.values():
+            local.object.stoppedObserving(local.perspective, RemoteCacheObserver(self, local.object, local.perspective))
         notifiers, self._disconnects = self._disconnects, []
         for notifier in notifiers:
             notifier()
         self._events.append(ConnectionClosed(reason))
-        self._decrefs.clear()
+        self._releases.clear()
 
     # -- Twisted's names for notification --------------------------------------------
 
@@ -272,17 +295,21 @@ class Broker:
         if luid is not None:
             self.localObjects[luid].incref()
             return luid
-        if len(self.localObjects) > MAX_BROKER_REFS:
-            self._ref_violations += 1
-            if self._ref_violations > 3:
-                self.connection_lost(Error("Maximum PB reference count exceeded. Goodbye."))
-                raise Error("Maximum PB reference count exceeded. Goodbye.")
-            raise Error("Maximum PB reference count exceeded.")
+        self._check_room(self.localObjects)
         self._next_luid += 1
         luid = self._next_luid
         self.localObjects[luid] = Local(obj, self.serializingPerspective)
         self._luids[puid] = luid
         return luid
+
+    def _check_room(self, table: dict[Any, Local]) -> None:
+        # As Twisted: refusing is an Error; a peer that keeps asking is dropped.
+        if len(table) > MAX_BROKER_REFS:
+            self._ref_violations += 1
+            if self._ref_violations > 3:
+                self.connection_lost(Error("Maximum PB reference count exceeded. Goodbye."))
+                raise Error("Maximum PB reference count exceeded. Goodbye.")
+            raise Error("Maximum PB reference count exceeded.")
 
     def localObjectForID(self, luid: Any) -> Any:
         """The local object the peer knows as *luid*, or None."""
@@ -291,12 +318,59 @@ class Broker:
 
     def queueDecRef(self, luid: Any) -> None:
         """Note that a RemoteReference was collected (safe from any thread or finalizer)."""
+        self._release(b"decref", luid)
+
+    def queueDecache(self, luid: Any) -> None:
+        """Note that a copy of a RemoteCache was collected (safe from any thread or finalizer)."""
+        self._release(b"decache", luid)
+
+    def _release(self, command: bytes, luid: Any) -> None:
         if self.closed:
             return
-        self._decrefs.append(luid)
+        self._releases.append((command, luid))
         wake_up = self.wake_up
         if wake_up is not None:
             wake_up()
+
+    # -- caches (Twisted's names) ---------------------------------------------------------
+
+    def cachedRemotelyAs(self, instance: Cacheable, incref: bool = False) -> int | None:
+        """The id under which the peer caches *instance*, or None; *incref* counts one more copy."""
+        luid = self._cached_luids.get(instance.processUniqueID())
+        if luid is not None and incref:
+            self.remotelyCachedObjects[luid].incref()
+        return luid
+
+    def cacheRemotely(self, instance: Cacheable) -> int:
+        """Give *instance* a cache id on this connection (it is being sent for the first time)."""
+        self._check_room(self.remotelyCachedObjects)
+        self._next_luid += 1
+        luid = self._next_luid
+        self._cached_luids[instance.processUniqueID()] = luid
+        self.remotelyCachedObjects[luid] = Local(instance, self.serializingPerspective)
+        return luid
+
+    def remotelyCachedForLUID(self, luid: Any) -> Cacheable:
+        """The Cacheable the peer caches as *luid*."""
+        return self.remotelyCachedObjects[luid].object  # type: ignore[no-any-return]
+
+    def cacheLocally(self, cid: int, instance: RemoteCache) -> None:
+        """Keep the broker's own instance of a cache the peer sent."""
+        self.locallyCachedObjects[cid] = instance
+
+    def cachedLocallyAs(self, cid: Any) -> RemoteCache:
+        """The broker's own instance of the cache *cid*."""
+        return self.locallyCachedObjects[cid]
+
+    def _unjelly_cached(self, unjellier: Unjellier, expression: list[Any]) -> RemoteCache:
+        if len(expression) != 2 or expression[1] not in self.locallyCachedObjects:
+            raise JellyError(f"a cached reference to an unknown cache: {expression!r:.60}")
+        return self.locallyCachedObjects[expression[1]]._borgify()
+
+    def _unjelly_lcache(self, unjellier: Unjellier, expression: list[Any]) -> Cacheable:
+        if len(expression) != 2 or expression[1] not in self.remotelyCachedObjects:
+            raise JellyError(f"the peer sent back an unknown cache: {expression!r:.60}")
+        return self.remotelyCachedForLUID(expression[1])
 
     def _unjelly_remote(self, unjellier: Unjellier, expression: list[Any]) -> RemoteReference:
         if len(expression) != 2 or type(expression[1]) is not int:
@@ -324,13 +398,15 @@ class Broker:
         kw: dict[str, Any],
         *,
         answer: bool = True,
+        cache: bool = False,
     ) -> Pending | None:
-        """Send a call; return its pending result (None for a one-way call)."""
+        """Send a call (to a peer's cache if *cache*); return its pending result (None if one-way)."""
         if self.closed:
             raise DeadReferenceError("Calling Stale Broker")
         self._next_request += 1
         request_id = self._next_request
-        head: list[Sexp] = [b"message", request_id, objectID, name.encode("utf-8"), 1 if answer else 0]
+        command = b"cachemessage" if cache else b"message"
+        head: list[Sexp] = [command, request_id, objectID, name.encode("utf-8"), 1 if answer else 0]
         self._send_values(head, [tuple(args), dict(kw)], perspective)
         if not answer:
             return None
@@ -419,14 +495,17 @@ class Broker:
 
     def _message(self, expression: list[Any]) -> None:
         _arity(expression, 7)
-        _, request_id, object_id, name, answer, net_args, net_kw = expression
+        command, request_id, object_id, name, answer, net_args, net_kw = expression
         if type(request_id) is not int or type(name) is not bytes or type(answer) is not int:
             raise MessageError(f"malformed message: {expression[:5]!r:.120}")
         try:
             method = name.decode("utf-8")
         except UnicodeDecodeError:
             raise MessageError(f"method name is not UTF-8: {name!r:.60}") from None
-        target = self.localObjectForID(object_id) if type(object_id) in (bytes, int) else None
+        if command == b"cachemessage":
+            target: Any = self.locallyCachedObjects.get(object_id) if type(object_id) is int else None
+        else:
+            target = self.localObjectForID(object_id) if type(object_id) in (bytes, int) else None
         try:
             if target is None:
                 raise Error("Invalid Object ID")
@@ -499,14 +578,26 @@ class Broker:
         command = expression[1]
         self._events.append(NotUnderstood(command if type(command) is bytes else repr(command).encode()))
 
-    def _cache_command(self, expression: list[Any]) -> None:
-        # Cacheable is not implemented yet: no cache ids exist on this side.
-        if expression[0] == b"cachemessage":
-            _arity(expression, 7)
-            if expression[4]:
-                self.send_error(expression[1], Error("Invalid Object ID"))
+    def _decache(self, expression: list[Any]) -> None:
+        _arity(expression, 2)
+        luid = expression[1]
+        local = self.remotelyCachedObjects.get(luid) if type(luid) is int else None
+        if local is None:
+            raise MessageError(f"decache of unknown cache {luid!r:.40}")
+        if local.decref() > 0:
             return
-        raise MessageError(f"{expression[0].decode()} for unknown cache {expression[1:]!r:.40}")
+        del self.remotelyCachedObjects[luid]
+        self._cached_luids.pop(local.object.processUniqueID(), None)
+        local.object.stoppedObserving(local.perspective, RemoteCacheObserver(self, local.object, local.perspective))
+        self._send_plain([b"uncache", luid])
+
+    def _uncache(self, expression: list[Any]) -> None:
+        _arity(expression, 2)
+        luid = expression[1]
+        instance = self.locallyCachedObjects.pop(luid, None) if type(luid) is int else None
+        if instance is None:
+            raise MessageError(f"uncache of unknown cache {luid!r:.40}")
+        instance.__dict__["broker"] = None  # shared by its copies: none of them counts any more
 
     _COMMANDS: dict[bytes, Callable[[Broker, list[Any]], None]]
 
@@ -522,9 +613,9 @@ Broker._COMMANDS = {
     b"error": Broker._error,
     b"decref": Broker._decref,
     b"didNotUnderstand": Broker._did_not_understand,
-    b"cachemessage": Broker._cache_command,
-    b"decache": Broker._cache_command,
-    b"uncache": Broker._cache_command,
+    b"cachemessage": Broker._message,
+    b"decache": Broker._decache,
+    b"uncache": Broker._uncache,
 }
 
 

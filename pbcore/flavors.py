@@ -34,6 +34,7 @@ from .jelly import unjellyableRegistry as copyTags
 __all__ = [
     "MAX_BROKER_REFS",
     "AsReferenceable",
+    "Cacheable",
     "CopiedFailure",
     "Copyable",
     "CopyableFailure",
@@ -41,6 +42,8 @@ __all__ = [
     "Jellyable",
     "Local",
     "Referenceable",
+    "RemoteCache",
+    "RemoteCacheObserver",
     "RemoteCopy",
     "RemoteMethod",
     "RemoteReference",
@@ -184,6 +187,147 @@ class RemoteCopy:
             raise JellyError(f"a copy is [tag, state], got {len(jellyList)} items")
         self.setCopyableState(unjellier.unjelly(jellyList[1]))
         return self
+
+
+class Cacheable(Copyable):
+    """Sent as a cache: copied once per connection, then kept up to date by its owner.
+
+    The first time it goes to a peer, its state from
+    :meth:`getStateToCacheAndObserveFor` travels along with a
+    :class:`RemoteCacheObserver`; calling ``observer.callRemote("x", ...)``
+    runs ``observe_x`` on the peer's :class:`RemoteCache`. Later sends refer
+    to the same cache. When the peer lets go of every copy (or the
+    connection drops), :meth:`stoppedObserving` is called with an observer
+    equal to the one given.
+    """
+
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: RemoteCacheObserver) -> Any:
+        """The state to send to *perspective*, whose cache *observer* can update."""
+        return self.getStateToCopyFor(perspective)
+
+    def stoppedObserving(self, perspective: Any, observer: RemoteCacheObserver) -> None:
+        """The peer's cache behind *observer* is gone: stop sending it updates."""
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        if jellier.invoker is None:
+            return super().jellyFor(jellier)
+        broker = jellier.invoker
+        luid = broker.cachedRemotelyAs(self, incref=True)
+        if luid is not None:
+            return [b"cached", luid]
+        luid = broker.cacheRemotely(self)
+        perspective = broker.serializingPerspective
+        observer = RemoteCacheObserver(broker, self, perspective)
+        sexp = jellier.prepare(self)
+        sexp.extend(
+            [
+                self.getTypeToCopyFor(perspective),
+                luid,
+                jellier.jelly(self.getStateToCacheAndObserveFor(perspective, observer)),
+            ]
+        )
+        return jellier.preserve(self, sexp)
+
+
+class RemoteCacheObserver:
+    """The owner's handle on one peer's cache: ``callRemote("x", ...)`` runs ``observe_x`` there."""
+
+    def __init__(self, broker: Any, cached: Cacheable, perspective: Any) -> None:
+        self.broker = broker
+        self.cached = cached
+        self.perspective = perspective
+
+    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Any:
+        """Send ``observe_<_name>(*args, **kw)`` to the peer's cache; returns the pending result."""
+        name = _name.decode("utf-8") if isinstance(_name, bytes) else _name
+        luid = self.broker.cachedRemotelyAs(self.cached)
+        if luid is None:
+            raise Error("this cache is no longer held by the peer")
+        answer = kw.pop("pbanswer", True)
+        return self.broker.send_call(self.perspective, luid, name, args, kw, answer=bool(answer), cache=True)
+
+    def remoteMethod(self, key: str) -> RemoteMethod:
+        """A callable for one ``observe_`` method."""
+        return RemoteMethod(self, key)  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RemoteCacheObserver):
+            return NotImplemented
+        return (self.broker, self.cached, self.perspective) == (other.broker, other.cached, other.perspective)
+
+    def __hash__(self) -> int:
+        return hash((id(self.broker), id(self.cached), id(self.perspective)))
+
+    def __repr__(self) -> str:
+        return f"<RemoteCacheObserver of {self.cached!r}>"
+
+
+class RemoteCache(RemoteCopy, Serializable):
+    """The local copy of a peer's Cacheable, kept up to date by ``observe_*`` calls.
+
+    Each time the cache arrives the application gets a distinct object that
+    shares this cache's state (so each can be counted); they compare equal.
+    When the last one is collected, the owner is told (``decache``).
+    """
+
+    broker: Any = None
+    luid: Any = None
+
+    def remoteMessageReceived(self, broker: Any, message: str, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        method = getattr(self, "observe_" + message, None)
+        if method is None:
+            raise NoSuchMethod(f"No such method: observe_{message}")
+        return method(*args, **kw)
+
+    def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> Any:
+        if unjellier.invoker is None or len(jellyList) != 3:
+            raise JellyError(f"a cache is [tag, id, state] and needs a broker, got {len(jellyList)} items")
+        broker = unjellier.invoker
+        luid = jellyList[1]
+        if type(luid) is not int:
+            raise JellyError(f"a cache id must be an int, got {luid!r:.40}")
+        # This first instance stays with the broker until the owner says
+        # uncache; the application gets copies that share its state.
+        broker.cacheLocally(luid, self)
+        self.__dict__.update(broker=broker, luid=luid)
+        copy = self._borgify()
+        if type(self).__init__ is not object.__init__:
+            copy.__init__()  # type: ignore[misc]  # as Twisted: caches are built with no arguments
+        copy.setCopyableState(unjellier.unjelly(jellyList[2]))
+        self.__dict__.update(broker=broker, luid=luid)
+        return copy
+
+    def setCopyableState(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise JellyError(f"{type(self).__qualname__} expects its state as a dictionary")
+        self.__dict__.update(state)
+
+    def _borgify(self) -> RemoteCache:
+        """Another object sharing this one's state: one per reference the owner counted."""
+        copy: RemoteCache = object.__new__(type(self))
+        copy.__dict__ = self.__dict__
+        return copy
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        """Sent back to its owner, a cache becomes ``[b"lcache", id]``: the original Cacheable."""
+        if self.broker is None or jellier.invoker is not self.broker:
+            raise DeadReferenceError("a RemoteCache can only be sent back over its own connection")
+        return [b"lcache", self.luid]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RemoteCache):
+            return NotImplemented
+        return self.__dict__ is other.__dict__
+
+    def __hash__(self) -> int:
+        return id(self.__dict__)
+
+    def __del__(self) -> None:
+        # Each copy the application held counts one; the broker's own
+        # instance goes only after uncache, which clears the broker first.
+        broker = self.__dict__.get("broker")
+        if broker is not None:
+            broker.queueDecache(self.__dict__.get("luid"))
 
 
 class Local:

@@ -21,6 +21,8 @@ from pbcore.testing import run_call
 
 pb: Any = pytest.importorskip("twisted.spread.pb")
 testing: Any = pytest.importorskip("twisted.internet.testing")
+twisted_jelly: Any = pytest.importorskip("twisted.spread.jelly")
+failure: Any = pytest.importorskip("twisted.python.failure")
 
 
 # -- the Twisted side ------------------------------------------------------------------
@@ -320,3 +322,162 @@ def test_decref_events_reach_the_application() -> None:
     connection.pump()
     assert DecRefReceived(luid, True) in connection.events
     assert list(connection.ours.localObjects) == [b"root"]
+
+
+# -- caches, both ways --------------------------------------------------------------------
+
+
+class TwistedCounter(pb.Cacheable):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.value = 0
+        self.observers: list[Any] = []
+        self.stopped = 0
+
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> Any:
+        self.observers.append(observer)
+        return {"value": self.value}
+
+    def stoppedObserving(self, perspective: Any, observer: Any) -> None:
+        self.observers.remove(observer)
+        self.stopped += 1
+
+    def bump(self) -> None:
+        self.value += 1
+        for observer in self.observers:
+            observer.callRemote("value", self.value)
+
+
+class CounterCache(flavors.RemoteCache):
+    value: int
+
+    def observe_value(self, value: int) -> None:
+        self.value = value
+
+
+class CounterRoot(pb.Root):  # type: ignore[misc]
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+
+    def remote_counter(self) -> Any:
+        return self.counter
+
+    def remote_is_ours(self, cache: Any) -> bool:
+        return cache is self.counter
+
+
+@pytest.fixture
+def counter_registered() -> Iterator[None]:
+    tags = [b"tests.interop.test_twisted_broker.TwistedCounter", b"tests.interop.test_twisted_broker.Counter"]
+    for tag in tags:
+        flavors.setCopierForClass(tag, CounterCache)
+    yield
+    for tag in tags:
+        flavors.copyTags.pop(tag, None)
+
+
+def test_cache_from_twisted_is_updated_sent_back_and_released(counter_registered: None) -> None:
+    counter = TwistedCounter()
+    connection = served_by_twisted(CounterRoot(counter))
+    root = connection.ours.root()
+    first = call(connection, root, "counter").unwrap()
+    second = call(connection, root, "counter").unwrap()
+    assert isinstance(first, CounterCache) and first == second and first is not second
+    assert first.value == 0
+    counter.bump()
+    counter.bump()
+    connection.pump()
+    assert first.value == second.value == 2
+    assert call(connection, root, "is_ours", first).unwrap() is True  # [lcache, id] is the original
+    assert counter.stopped == 0
+    del first
+    gc.collect()
+    connection.pump()
+    assert counter.stopped == 0  # one copy is still held
+    del second
+    gc.collect()
+    connection.pump()
+    assert counter.stopped == 1
+    assert connection.theirs.remotelyCachedObjects == {}
+    assert connection.ours.locallyCachedObjects == {}  # Twisted said uncache
+
+
+class Counter(flavors.Cacheable):
+    def __init__(self) -> None:
+        self.value = 0
+        self.observers: list[flavors.RemoteCacheObserver] = []
+        self.stopped = 0
+
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: flavors.RemoteCacheObserver) -> Any:
+        self.observers.append(observer)
+        return {"value": self.value}
+
+    def stoppedObserving(self, perspective: Any, observer: flavors.RemoteCacheObserver) -> None:
+        self.observers.remove(observer)
+        self.stopped += 1
+
+    def bump(self) -> None:
+        self.value += 1
+        for observer in self.observers:
+            observer.callRemote("value", self.value)
+
+
+class TwistedCounterCache(pb.RemoteCache):  # type: ignore[misc]
+    def observe_value(self, value: int) -> None:
+        self.value = value
+
+
+class OurCounterRoot(flavors.Root):
+    def __init__(self) -> None:
+        self.counter = Counter()
+
+    def remote_counter(self) -> Counter:
+        return self.counter
+
+
+def test_twisted_client_caches_ours_and_lets_go() -> None:
+    tag = b"tests.interop.test_twisted_broker.Counter"
+    pb.setUnjellyableForClass(tag, TwistedCounterCache)
+    try:
+        factory = pb.PBClientFactory()
+        our_root = OurCounterRoot()
+        connection = Connection(Broker(is_client=False, root=our_root), factory.buildProtocol(None))
+        roots: list[Any] = []
+        factory.getRootObject().addCallback(roots.append)
+        connection.pump()
+        kind, cache = twisted_call(connection, roots[0], "counter")
+        assert kind == "ok" and cache.value == 0
+        our_root.counter.bump()
+        connection.pump()
+        assert cache.value == 1
+        del cache
+        gc.collect()
+        connection.pump()
+        assert our_root.counter.stopped == 1
+        assert connection.ours.remotelyCachedObjects == {}
+        assert connection.theirs.locallyCachedObjects == {}
+    finally:
+        twisted_jelly.unjellyableRegistry.pop(tag, None)
+
+
+def test_observers_stop_when_the_connection_drops(counter_registered: None) -> None:
+    factory = pb.PBClientFactory()
+    our_root = OurCounterRoot()
+    connection = Connection(Broker(is_client=False, root=our_root), factory.buildProtocol(None))
+    roots: list[Any] = []
+    factory.getRootObject().addCallback(roots.append)
+    connection.pump()
+    pb.setUnjellyableForClass(b"tests.interop.test_twisted_broker.Counter", TwistedCounterCache)
+    try:
+        kind, cache = twisted_call(connection, roots[0], "counter")
+        assert kind == "ok"
+        connection.ours.connection_lost(ConnectionResetError("gone"))
+        assert our_root.counter.stopped == 1
+        connection.ours.connection_lost(ConnectionResetError("again"))
+        assert our_root.counter.stopped == 1  # exactly once
+        # Tell Twisted too, as a transport would, so that its caches are
+        # released now, while the StringTransport still takes writes.
+        connection.theirs.connectionLost(failure.Failure(ConnectionResetError("gone")))
+        del cache
+        gc.collect()
+    finally:
+        twisted_jelly.unjellyableRegistry.pop(b"tests.interop.test_twisted_broker.Counter", None)

@@ -19,8 +19,10 @@ Bad input raises a :class:`~pbcore.errors.ProtocolError` from
 :meth:`Broker.receive_data`, after the broker has closed: every pending call
 has failed with :class:`~pbcore.errors.PBConnectionLost` and a
 :class:`~pbcore.events.ConnectionClosed` event is queued. A call to a
-missing method or object, or arguments that cannot be unjellied, is an error
-*answer* instead, and the connection lives on.
+missing method or object, or arguments that cannot be unjellied (a
+:class:`~pbcore.errors.JellyError`: an unknown copy tag, say), is an error
+*answer* instead, and an answer whose value cannot be unjellied fails just
+that call: the messages were well formed, so the connection lives on.
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ class Broker:
         }
         #: The perspective being serialized for (read by Viewable/Copyable).
         self.serializingPerspective: Any = None
+        # While a message is being encoded: every count taken, to undo on failure.
+        self._journal: list[tuple[dict[Any, Local], dict[Any, int], Any]] | None = None
 
     # -- the Sans-IO surface ------------------------------------------------------
 
@@ -255,6 +259,7 @@ class Broker:
             notifier()
         self._events.append(ConnectionClosed(reason))
         self._releases.clear()
+        self._out.clear()  # nothing more goes out on a closed connection
 
     # -- Twisted's names for notification --------------------------------------------
 
@@ -294,12 +299,14 @@ class Broker:
         luid = self._luids.get(puid)
         if luid is not None:
             self.localObjects[luid].incref()
-            return luid
-        self._check_room(self.localObjects)
-        self._next_luid += 1
-        luid = self._next_luid
-        self.localObjects[luid] = Local(obj, self.serializingPerspective)
-        self._luids[puid] = luid
+        else:
+            self._check_room(self.localObjects)
+            self._next_luid += 1
+            luid = self._next_luid
+            self.localObjects[luid] = Local(obj, self.serializingPerspective)
+            self._luids[puid] = luid
+        if self._journal is not None:
+            self._journal.append((self.localObjects, self._luids, luid))
         return luid
 
     def _check_room(self, table: dict[Any, Local]) -> None:
@@ -339,6 +346,8 @@ class Broker:
         luid = self._cached_luids.get(instance.processUniqueID())
         if luid is not None and incref:
             self.remotelyCachedObjects[luid].incref()
+            if self._journal is not None:
+                self._journal.append((self.remotelyCachedObjects, self._cached_luids, luid))
         return luid
 
     def cacheRemotely(self, instance: Cacheable) -> int:
@@ -348,6 +357,8 @@ class Broker:
         luid = self._next_luid
         self._cached_luids[instance.processUniqueID()] = luid
         self.remotelyCachedObjects[luid] = Local(instance, self.serializingPerspective)
+        if self._journal is not None:
+            self._journal.append((self.remotelyCachedObjects, self._cached_luids, luid))
         return luid
 
     def remotelyCachedForLUID(self, luid: Any) -> Cacheable:
@@ -363,12 +374,12 @@ class Broker:
         return self.locallyCachedObjects[cid]
 
     def _unjelly_cached(self, unjellier: Unjellier, expression: list[Any]) -> RemoteCache:
-        if len(expression) != 2 or expression[1] not in self.locallyCachedObjects:
+        if len(expression) != 2 or type(expression[1]) is not int or expression[1] not in self.locallyCachedObjects:
             raise JellyError(f"a cached reference to an unknown cache: {expression!r:.60}")
         return self.locallyCachedObjects[expression[1]]._borgify()
 
     def _unjelly_lcache(self, unjellier: Unjellier, expression: list[Any]) -> Cacheable:
-        if len(expression) != 2 or expression[1] not in self.remotelyCachedObjects:
+        if len(expression) != 2 or type(expression[1]) is not int or expression[1] not in self.remotelyCachedObjects:
             raise JellyError(f"the peer sent back an unknown cache: {expression!r:.60}")
         return self.remotelyCachedForLUID(expression[1])
 
@@ -378,7 +389,7 @@ class Broker:
         return RemoteReference(unjellier.invoker.unserializingPerspective, self, expression[1], True)
 
     def _unjelly_local(self, unjellier: Unjellier, expression: list[Any]) -> Any:
-        if len(expression) != 2:
+        if len(expression) != 2 or type(expression[1]) not in (int, bytes):
             raise JellyError(f"a local reference is [local, luid], got {expression!r:.60}")
         local = self.localObjects.get(expression[1])
         if local is None:
@@ -414,10 +425,20 @@ class Broker:
         self._waiting[request_id] = pending
         return pending
 
-    def send_answer(self, request_id: int, result: Any, perspective: Any = None) -> None:
-        """Answer the peer's call *request_id* with *result*."""
-        if not self.closed:
+    def send_answer(self, request_id: int, result: Any, perspective: Any = None) -> BaseException | None:
+        """Answer the peer's call *request_id* with *result*.
+
+        A result that cannot be sent (not jellyable, over a limit) is answered
+        with an error instead, which this returns (None when all went well).
+        """
+        if self.closed:
+            return None
+        try:
             self._send_values([b"answer", request_id], [result], perspective)
+        except (ProtocolError, Error, TypeError, ValueError) as error:  # NotJellyable is a TypeError
+            self.send_error(request_id, error)
+            return error
+        return None
 
     def send_error(self, request_id: int, error: BaseException) -> None:
         """Answer the peer's call *request_id* with an error.
@@ -434,19 +455,43 @@ class Broker:
         failure = error if sendable else CopyableFailure(error, self.unsafe_tracebacks)
         self._send_values([b"error", request_id], [failure], None)
 
-    def cancel(self, request_id: int) -> None:
-        """Stop waiting for *request_id*: a late answer will be dropped."""
-        self._waiting.pop(request_id, None)
+    def cancel(self, call: int | Pending) -> None:
+        """Stop waiting for a call (its pending result or request id): a late answer is dropped."""
+        if isinstance(call, int):
+            self._waiting.pop(call, None)
+            return
+        for request_id, pending in list(self._waiting.items()):
+            if pending is call:
+                del self._waiting[request_id]
 
     def _send_values(self, head: list[Sexp], values: list[Any], perspective: Any) -> None:
         if self.dialect is None:
             raise Error("the PB handshake is not complete: wait for the Ready event")
         encoder = self._encoders[self.dialect]
         self.serializingPerspective = perspective
+        self._journal = []
         try:
-            self._out += encoder.encode_list(head, values, invoker=self)
+            data = encoder.encode_list(head, values, invoker=self)
+        except BaseException:
+            # Nothing was sent: take back the references counted meanwhile.
+            self._undo(self._journal)
+            raise
         finally:
             self.serializingPerspective = None
+            self._journal = None
+        self._out += data
+
+    def _undo(self, journal: list[tuple[dict[Any, Local], dict[Any, int], Any]]) -> None:
+        for table, luids, luid in reversed(journal):
+            local = table[luid]
+            if local.decref() > 0:
+                continue
+            del table[luid]
+            luids.pop(local.object.processUniqueID(), None)
+            if table is self.remotelyCachedObjects:
+                local.object.stoppedObserving(
+                    local.perspective, RemoteCacheObserver(self, local.object, local.perspective)
+                )
 
     def _send_plain(self, sexp: Sexp, dialect: bytes | None = None) -> None:
         self._plain[dialect or self.dialect or b"none"].encode_into(sexp, self._out)
@@ -514,9 +559,7 @@ class Broker:
             kwargs = self._unjellier(getattr(target, "perspective", None)).unjellyFull(net_kw)
             if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
                 raise JellyError("a call's arguments must be a tuple and a dictionary")
-            kwargs = {k.decode("utf-8") if isinstance(k, bytes) else k: v for k, v in kwargs.items()}
-            if not all(isinstance(k, str) for k in kwargs):
-                raise JellyError("keyword argument names must be strings")
+            kwargs = {_keyword(k): v for k, v in kwargs.items()}
         except (Error, JellyError) as error:
             # The connection is fine; this call is not.
             if answer:
@@ -530,8 +573,10 @@ class Broker:
         try:
             result = self._unjellier(None).unjellyFull(expression[2])
         except JellyError as error:
+            # The message was well formed; only its value is unreadable here.
             if pending is not None:
                 pending.fail(error)
+                self._events.append(ErrorReceived(expression[1], error))
             return
         if pending is not None:
             pending.resolve(result)
@@ -617,6 +662,18 @@ Broker._COMMANDS = {
     b"decache": Broker._decache,
     b"uncache": Broker._uncache,
 }
+
+
+def _keyword(key: Any) -> str:
+    # Twisted sends str keys; older peers sent bytes.
+    if isinstance(key, bytes):
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise JellyError(f"keyword argument name is not UTF-8: {key!r:.40}") from None
+    if not isinstance(key, str):
+        raise JellyError(f"keyword argument names must be strings, got {type(key).__name__}")
+    return key
 
 
 def _arity(expression: list[Any], size: int) -> None:

@@ -3,8 +3,9 @@
 Two families are kept apart on purpose:
 
 * :class:`ProtocolError` and its subclasses mean *the peer sent something
-  wrong*. The broker closes the connection that carried it; nothing else is
-  affected.
+  wrong*. Broken framing or a malformed message closes the connection that
+  carried it (nothing else is affected); a :class:`JellyError` in the
+  *value* of a well-formed call or answer fails just that call.
 * The other classes are the PB object model's errors (a remote method that
   does not exist, a reference whose connection is gone, ...). They are
   ordinary exceptions that a program expects and handles.
@@ -27,7 +28,7 @@ __all__ = [
 
 
 class ProtocolError(Exception):
-    """The peer broke the protocol: the connection that carried it is closed."""
+    """The peer sent something wrong (see the module docstring for what is closed)."""
 
 
 class BananaError(ProtocolError):

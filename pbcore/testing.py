@@ -54,7 +54,9 @@ class BrokerPair:
     """A client broker and a server broker joined back to back in memory.
 
     Every event either broker emits is kept, in order, in ``client_events``
-    and ``server_events`` (calls are run and answered by :meth:`pump`).
+    and ``server_events`` (calls are run and answered by :meth:`pump`). The
+    logged events keep their values alive: call :meth:`clear_events` before
+    checking that a dropped reference is released.
     """
 
     def __init__(
@@ -95,6 +97,11 @@ class BrokerPair:
             if not moved:
                 return count
         raise RuntimeError(f"the brokers are still talking after {rounds} rounds")
+
+    def clear_events(self) -> None:
+        """Forget the logged events: they hold values (and so references) alive."""
+        self.client_events.clear()
+        self.server_events.clear()
 
     def disconnect(self, reason: BaseException | None = None) -> None:
         """Drop the connection on both sides."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,6 +38,7 @@ from pbcore.flavors import (
     CopiedFailure,
     Copyable,
     Referenceable,
+    RemoteCache,
     RemoteCopy,
     RemoteMethod,
     RemoteReference,
@@ -1342,3 +1344,87 @@ def test_nothing_is_sent_after_close() -> None:
     root.callRemote("echo", 1)
     pair.client.connection_lost(None)
     assert pair.client.data_to_send() == b""
+
+
+# -- a cache observed by several peers; releases from other threads --------------------------
+
+
+class Board(Cacheable):
+    def __init__(self) -> None:
+        self.value = 0
+        self.observers: list[Any] = []
+        self.stopped: list[Any] = []
+
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> Any:
+        self.observers.append(observer)
+        return {"value": self.value}
+
+    def stoppedObserving(self, perspective: Any, observer: Any) -> None:
+        self.observers.remove(observer)
+        self.stopped.append(observer)
+
+    def set(self, value: int) -> None:
+        self.value = value
+        for observer in self.observers:
+            observer.callRemote("value", value)
+
+
+class BoardCache(RemoteCache):
+    value: int
+
+    def observe_value(self, value: int) -> None:
+        self.value = value
+
+
+class BoardRoot(Root):
+    def __init__(self, board: Board) -> None:
+        self.board = board
+
+    def remote_board(self) -> Board:
+        return self.board
+
+
+def test_one_cacheable_observed_by_every_peer() -> None:
+    board = Board()
+    with saved_registries():
+        setCopierForClass(Board, BoardCache)
+        pairs = [BrokerPair(BoardRoot(board)) for _ in range(3)]
+        caches = []
+        for pair in pairs:
+            pending = pair.client.root().callRemote("board")
+            pair.pump()
+            caches.append(pending.unwrap())
+        assert len(board.observers) == 3 and len(set(map(id, board.observers))) == 3
+        board.set(7)
+        for pair in pairs:
+            pair.pump()
+        assert [cache.value for cache in caches] == [7, 7, 7]
+        # One peer lets go, another disconnects: each observer stops once.
+        del caches[0], pending
+        release(pairs[0])
+        pairs[1].disconnect(ConnectionResetError("gone"))
+        assert len(board.stopped) == 2 and len(board.observers) == 1
+        board.set(8)
+        pairs[2].pump()
+        assert caches[-1].value == 8
+
+
+def test_a_reference_released_in_another_thread_wakes_the_broker() -> None:
+    woken: list[str] = []
+    pair, _, root = served()
+    pair.client.wake_up = lambda: woken.append(threading.current_thread().name)
+    pending = root.callRemote("thing")
+    pair.pump()
+    holder = [pending.unwrap()]
+    del pending
+    pair.clear_events()
+
+    def drop() -> None:
+        holder.clear()
+        gc.collect()
+
+    worker = threading.Thread(target=drop, name="dropper")
+    worker.start()
+    worker.join()
+    assert woken == ["dropper"]  # the wake-up hook ran in the thread that collected it
+    assert encode([b"decref", 1]) in pair.client.data_to_send()

@@ -574,9 +574,7 @@ class Broker:
             result = self._unjellier(None).unjellyFull(expression[2])
         except JellyError as error:
             # The message was well formed; only its value is unreadable here.
-            if pending is not None:
-                pending.fail(error)
-                self._events.append(ErrorReceived(expression[1], error))
+            self._call_failed(expression[1], pending, error)
             return
         if pending is not None:
             pending.resolve(result)
@@ -591,9 +589,12 @@ class Broker:
             failure = error
         if not isinstance(failure, BaseException):
             failure = RemoteError("unknown", repr(failure)[:200], "")
-        if pending is not None:
+        self._call_failed(expression[1], pending, failure)
+
+    def _call_failed(self, request_id: int, pending: Pending | None, failure: BaseException) -> None:
+        if pending is not None:  # None: cancelled locally, dropped
             pending.fail(failure)
-            self._events.append(ErrorReceived(expression[1], failure))
+            self._events.append(ErrorReceived(request_id, failure))
 
     def _take_pending(self, request_id: Any) -> Pending | None:
         if type(request_id) is not int:

@@ -115,12 +115,14 @@ class Root(Referenceable):
 
 
 class AsReferenceable(Referenceable):
-    """Makes any object callable by reference: ``remote_x`` on me calls ``x`` on it."""
+    """A reference whose calls go to ``object.<messageType>MessageReceived``.
+
+    ``AsReferenceable(avatar, "perspective")`` sends the peer's calls to the
+    avatar's ``perspectiveMessageReceived`` (its ``perspective_*`` methods).
+    """
 
     def __init__(self, object: Any, messageType: str = "remote") -> None:
-        for name in dir(object):
-            if not name.startswith("_"):
-                setattr(self, f"{messageType}_{name}", getattr(object, name))
+        self.remoteMessageReceived = getattr(object, messageType + "MessageReceived")  # type: ignore[method-assign]
 
 
 class ViewPoint(Referenceable):

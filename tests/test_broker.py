@@ -34,6 +34,7 @@ from pbcore.errors import (
 )
 from pbcore.events import AnswerReceived, CallReceived, ConnectionClosed, DecRefReceived, NotUnderstood, Ready
 from pbcore.flavors import (
+    AsReferenceable,
     Cacheable,
     CopiedFailure,
     Copyable,
@@ -1428,3 +1429,28 @@ def test_a_reference_released_in_another_thread_wakes_the_broker() -> None:
     worker.join()
     assert woken == ["dropper"]  # the wake-up hook ran in the thread that collected it
     assert encode([b"decref", 1]) in pair.client.data_to_send()
+
+
+class Avatarish:
+    """Anything with a <kind>MessageReceived method, as an avatar has."""
+
+    def perspectiveMessageReceived(self, broker: Any, message: str, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        return getattr(self, "perspective_" + message)(*args, **kw)
+
+    def perspective_hello(self, name: str) -> str:
+        return f"hello {name}"
+
+
+class AsRoot(Root):
+    def remote_avatar(self) -> AsReferenceable:
+        return AsReferenceable(Avatarish(), "perspective")
+
+
+def test_as_referenceable_forwards_to_the_objects_message_method() -> None:
+    pair = BrokerPair(AsRoot())
+    pending = pair.client.root().callRemote("avatar")
+    pair.pump()
+    avatar = pending.unwrap()
+    answer = avatar.callRemote("hello", "you")
+    pair.pump()
+    assert answer.unwrap() == "hello you"

@@ -8,6 +8,19 @@ from __future__ import annotations
 
 from .banana import DEFAULT_LIMITS, Decoder, Encoder, Limits
 from .broker import Broker, PendingCall
+from .cred import (
+    Avatar,
+    IPerspective,
+    IUsernameMD5Password,
+    Portal,
+    Unauthorized,
+    _JellyableAvatarMixin,
+    _PortalAuthChallenger,
+    _PortalRoot,
+    _PortalWrapper,
+    challenge,
+    respond,
+)
 from .errors import (
     BananaError,
     DeadReferenceError,
@@ -20,6 +33,7 @@ from .errors import (
     ProtocolError,
     RemoteError,
 )
+from .factory import PBClientFactory, PBServerFactory
 from .flavors import (
     MAX_BROKER_REFS,
     AsReferenceable,
@@ -62,6 +76,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "Avatar",
+    "IPerspective",
+    "IUsernameMD5Password",
+    "PBClientFactory",
+    "PBServerFactory",
+    "Portal",
+    "Unauthorized",
+    "_JellyableAvatarMixin",
+    "_PortalAuthChallenger",
+    "_PortalRoot",
+    "_PortalWrapper",
+    "challenge",
+    "respond",
     "MAX_BROKER_REFS",
     "AsReferenceable",
     "BananaError",

@@ -28,7 +28,7 @@ that call: the messages were well formed, so the connection lives on.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 from .banana import DEFAULT_LIMITS, DIALECTS, Decoder, Encoder, Limits, Sexp
@@ -118,6 +118,17 @@ class PendingCall:
         else:
             on_error(self.error)
 
+    def __await__(self) -> Generator[PendingCall, None, Any]:
+        """Await the result: the driver is handed this object until it settles.
+
+        With no event loop, a driver runs the coroutine, moves bytes while it
+        waits on a PendingCall, and resumes it once settled (see
+        :meth:`pbcore.testing.BrokerPair.run`).
+        """
+        while not self.done:
+            yield self
+        return self.unwrap()
+
     def unwrap(self) -> Any:
         """The result, or raise the error; LookupError if not settled yet."""
         if not self.done:
@@ -194,6 +205,7 @@ class Broker:
         self._disconnects: list[Callable[[], object]] = []
         self._connects: list[Callable[[], object]] | None = []
         self._ref_violations = 0
+        self._on_release: dict[Any, Callable[[], object]] = {}  # processUniqueID -> callback
         self._unjelly_handlers = {
             b"remote": self._unjelly_remote,
             b"local": self._unjelly_local,
@@ -317,6 +329,10 @@ class Broker:
                 self.connection_lost(Error("Maximum PB reference count exceeded. Goodbye."))
                 raise Error("Maximum PB reference count exceeded. Goodbye.")
             raise Error("Maximum PB reference count exceeded.")
+
+    def on_release(self, obj: Any, callback: Callable[[], object]) -> None:
+        """Call *callback* once the peer has released its last reference to *obj*."""
+        self._on_release[obj.processUniqueID()] = callback
 
     def localObjectForID(self, luid: Any) -> Any:
         """The local object the peer knows as *luid*, or None."""
@@ -616,7 +632,11 @@ class Broker:
         freed = local.decref() <= 0
         if freed:
             del self.localObjects[luid]
-            self._luids.pop(local.object.processUniqueID(), None)
+            puid = local.object.processUniqueID()
+            self._luids.pop(puid, None)
+            callback = self._on_release.pop(puid, None)
+            if callback is not None:
+                callback()
         self._events.append(DecRefReceived(luid, freed))
 
     def _did_not_understand(self, expression: list[Any]) -> None:

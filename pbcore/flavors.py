@@ -458,6 +458,11 @@ _WIRE_NAMES = {
 }
 
 
+def set_wire_name(cls: type, name: str) -> None:
+    """Send exceptions of *cls* under another class name (a Twisted peer's, say)."""
+    _WIRE_NAMES[qual(cls)] = name
+
+
 def wire_name(cls: type) -> str:
     """The class name an exception travels under (Twisted's, for pbcore's PB errors)."""
     name = qual(cls)

@@ -16,13 +16,15 @@ coroutine functions that finish without waiting on an event loop.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from .broker import Broker, PendingCall
 from .events import CallReceived, Event
 
 __all__ = ["BrokerPair", "run_call"]
+
+T = TypeVar("T")
 
 
 def run_call(broker: Broker, event: CallReceived) -> None:
@@ -97,6 +99,30 @@ class BrokerPair:
             if not moved:
                 return count
         raise RuntimeError(f"the brokers are still talking after {rounds} rounds")
+
+    def run(self, awaitable: Awaitable[T], rounds: int = 1000) -> T:
+        """Run a coroutine that awaits calls over this pair (``await ref.callRemote(...)``).
+
+        Whenever it waits on a pending call, the pair is pumped until that
+        call settles; the coroutine's result is returned (or its error raised).
+        """
+        steps = awaitable.__await__()
+        value: Any = None
+        for _ in range(rounds):
+            try:
+                waiting = steps.send(value)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if not isinstance(waiting, PendingCall):
+                steps.close()
+                raise RuntimeError(f"awaited {waiting!r}: BrokerPair.run can only wait for PB calls")
+            self.pump()
+            if not waiting.done:
+                steps.close()
+                raise RuntimeError("a call was not answered although both brokers are idle")
+            value = None
+        steps.close()
+        raise RuntimeError(f"still running after {rounds} calls")
 
     def clear_events(self) -> None:
         """Forget the logged events: they hold values (and so references) alive."""

@@ -1,0 +1,114 @@
+"""PBServerFactory and PBClientFactory: what a server serves, how a client logs in.
+
+They hold no I/O: an adapter calls :meth:`PBServerFactory.make_broker` for
+each accepted connection and :meth:`PBClientFactory.make_broker` for the
+connection it opens, and feeds those brokers bytes. The client's
+:meth:`~PBClientFactory.getRootObject` and :meth:`~PBClientFactory.login`
+are coroutines that await the broker's pending results, so the same code runs
+under asyncio, trio, a blocking driver or :class:`pbcore.testing.BrokerPair`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .banana import DEFAULT_LIMITS, Limits
+from .broker import Broker, Pending
+from .cred import Anonymous, respond
+from .errors import DeadReferenceError, Error
+from .flavors import RemoteReference
+from .jelly import SecurityOptions, globalSecurity
+
+__all__ = ["PBClientFactory", "PBServerFactory"]
+
+
+class PBServerFactory:
+    """Serves *root* (a Root, anything with ``rootObject(broker)``, or a Portal to log in through)."""
+
+    def __init__(
+        self,
+        root: Any,
+        unsafeTracebacks: bool = False,
+        security: SecurityOptions = globalSecurity,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.root = root
+        self.unsafeTracebacks = unsafeTracebacks
+        self.security = security
+        self.limits = limits
+
+    def make_broker(self, **adapter_options: Any) -> Broker:
+        """A broker for one accepted connection (*adapter_options*: pending_factory, wake_up)."""
+        return Broker(
+            is_client=False,
+            root=self.root,
+            security=self.security,
+            limits=self.limits,
+            unsafe_tracebacks=self.unsafeTracebacks,
+            **adapter_options,
+        )
+
+
+class PBClientFactory:
+    """Connects to one server and logs in."""
+
+    def __init__(
+        self,
+        unsafeTracebacks: bool = False,
+        security: SecurityOptions = globalSecurity,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.unsafeTracebacks = unsafeTracebacks
+        self.security = security
+        self.limits = limits
+        self.broker: Broker | None = None
+        self._close: Callable[[], object] | None = None
+
+    def make_broker(self, close: Callable[[], object] | None = None, **adapter_options: Any) -> Broker:
+        """The broker for the connection the adapter opened; *close* closes that connection."""
+        self.broker = Broker(
+            is_client=True,
+            security=self.security,
+            limits=self.limits,
+            unsafe_tracebacks=self.unsafeTracebacks,
+            **adapter_options,
+        )
+        self._close = close
+        return self.broker
+
+    async def getRootObject(self) -> RemoteReference:
+        """The server's root object, once the handshake is done."""
+        broker = self._connected()
+        if not broker.ready:
+            ready: Pending = broker.pending_factory()
+            broker.notifyOnConnect(lambda: ready.resolve(None))
+            broker.notifyOnDisconnect(lambda: ready.fail(DeadReferenceError("the connection was lost")))
+            await ready  # type: ignore[misc]
+        return broker.root()
+
+    async def login(self, credentials: Any, client: Any = None) -> RemoteReference:
+        """Log in (username/password by challenge-response, or Anonymous); the avatar's reference.
+
+        *client* is the "mind" the server's realm receives, as a reference
+        (a Referenceable of yours), or None.
+        """
+        root = await self.getRootObject()
+        if isinstance(credentials, Anonymous):
+            avatar: RemoteReference = await root.callRemote("loginAnonymous", client)
+            return avatar
+        challenge, challenger = await root.callRemote("login", credentials.username)
+        avatar = await challenger.callRemote("respond", respond(challenge, credentials.password), client)
+        return avatar
+
+    def disconnect(self) -> None:
+        """Close the connection (through the adapter)."""
+        if self._close is not None:
+            self._close()
+
+    def _connected(self) -> Broker:
+        if self.broker is None:
+            raise Error("not connected: an adapter must connect this factory first")
+        if self.broker.closed:
+            raise DeadReferenceError("the connection was lost")
+        return self.broker

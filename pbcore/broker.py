@@ -28,6 +28,7 @@ that call: the messages were well formed, so the connection lives on.
 from __future__ import annotations
 
 import collections
+import inspect
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
@@ -62,7 +63,7 @@ from .flavors import (
 )
 from .jelly import SecurityOptions, Unjellier, globalSecurity
 
-__all__ = ["PROTOCOL_VERSION", "Broker", "Pending", "PendingCall"]
+__all__ = ["PROTOCOL_VERSION", "Broker", "Pending", "PendingCall", "serve_call"]
 
 #: The PB protocol version both sides announce.
 PROTOCOL_VERSION = 6
@@ -683,6 +684,25 @@ Broker._COMMANDS = {
     b"decache": Broker._decache,
     b"uncache": Broker._uncache,
 }
+
+
+async def serve_call(broker: Broker, event: CallReceived) -> None:
+    """Run one received call and answer it: what every adapter does with a CallReceived.
+
+    The method's result is awaited if it is awaitable (in whatever framework
+    runs this coroutine); an exception becomes an error answer. Nothing is
+    sent for a one-way call.
+    """
+    try:
+        result = event.invoke()
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception as error:
+        if event.answer_required:
+            broker.send_error(event.request_id, error)
+        return
+    if event.answer_required:
+        broker.send_answer(event.request_id, result, event.perspective)
 
 
 def _keyword(key: Any) -> str:

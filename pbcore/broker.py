@@ -154,8 +154,9 @@ class Broker:
     *security* decides what may be unjellied; *limits* bound what the peer
     may send; *unsafe_tracebacks* sends tracebacks with errors.
     *pending_factory* makes the pending result of each call; *wake_up* is
-    called (from any thread) when a collected reference has queued a
-    ``decref``, so the adapter can flush :meth:`data_to_send`.
+    called when there is something new to send (from any thread: a collected
+    reference queues its ``decref`` from a finalizer), so the adapter can
+    schedule a flush of :meth:`data_to_send`. It must only schedule.
     """
 
     version = PROTOCOL_VERSION
@@ -496,7 +497,15 @@ class Broker:
         finally:
             self.serializingPerspective = None
             self._journal = None
+        self._queue(data)
+
+    def _queue(self, data: bytes | bytearray) -> None:
+        # Output made outside receive_data (an application's call, a late
+        # answer) must reach the transport: tell the adapter once per batch.
+        was_empty = not self._out
         self._out += data
+        if was_empty and self.wake_up is not None:
+            self.wake_up()
 
     def _undo(self, journal: list[tuple[dict[Any, Local], dict[Any, int], Any]]) -> None:
         for table, luids, luid in reversed(journal):
@@ -511,7 +520,7 @@ class Broker:
                 )
 
     def _send_plain(self, sexp: Sexp, dialect: bytes | None = None) -> None:
-        self._plain[dialect or self.dialect or b"none"].encode_into(sexp, self._out)
+        self._queue(self._plain[dialect or self.dialect or b"none"].encode(sexp))
 
     # -- receiving ----------------------------------------------------------------------
 

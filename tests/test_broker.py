@@ -1413,12 +1413,13 @@ def test_one_cacheable_observed_by_every_peer() -> None:
 def test_a_reference_released_in_another_thread_wakes_the_broker() -> None:
     woken: list[str] = []
     pair, _, root = served()
-    pair.client.wake_up = lambda: woken.append(threading.current_thread().name)
     pending = root.callRemote("thing")
     pair.pump()
     holder = [pending.unwrap()]
     del pending
     pair.clear_events()
+    # Installed now, so that only the release below wakes it (any output does).
+    pair.client.wake_up = lambda: woken.append(threading.current_thread().name)
 
     def drop() -> None:
         holder.clear()

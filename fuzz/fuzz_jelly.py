@@ -38,7 +38,8 @@ def _instrumentation() -> contextlib.AbstractContextManager[object]:
 
 with _instrumentation():
     from pbcore.banana import Decoder, Sexp, decode, encode
-    from pbcore.errors import BananaError, ProtocolError
+    from pbcore.errors import BananaError, NotJellyable, ProtocolError
+    from pbcore.flavors import RemoteCopy
     from pbcore.jelly import (
         Jellier,
         Jellyable,
@@ -130,11 +131,37 @@ def _comparable(sexp: Sexp) -> bytes | None:
 
 
 def _send_back(value: Any) -> bytes | None:
-    """The bytes that carry *value*, or None if it is over a size or depth limit."""
+    """The bytes that carry *value*, or None if it cannot travel back.
+
+    That is: over a size or depth limit, or holding a received copy (a
+    RemoteCopy, such as a CopiedFailure) that has no form to be sent in.
+    """
     try:
         return encode(jelly(value, TASTER))
     except BananaError:
         return None
+    except NotJellyable:
+        if not _holds_remote_copy(value):
+            raise
+        return None
+
+
+def _holds_remote_copy(value: Any) -> bool:
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, RemoteCopy):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return False
 
 
 def check(expression: Sexp) -> None:

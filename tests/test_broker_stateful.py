@@ -137,6 +137,9 @@ class PairMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        # Collections below look only at objects made from here on: the rest
+        # of the test process's heap would make every gc.collect() slow.
+        gc.freeze()
         flavors.setCopierForClass(COPY_TAG, PointCopy)
         flavors.setCopierForClass(CACHE_TAG, GaugeCache)
         self.root = ServerRoot()
@@ -333,6 +336,7 @@ class PairMachine(RuleBasedStateMachine):
         finally:
             flavors.copyTags.pop(COPY_TAG, None)
             flavors.copyTags.pop(CACHE_TAG, None)
+            gc.unfreeze()
 
 
 PairMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import collections
 import inspect
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Protocol
 
 from .banana import DEFAULT_LIMITS, DIALECTS, Decoder, Encoder, Limits, Sexp
@@ -695,17 +695,32 @@ Broker._COMMANDS = {
 }
 
 
-async def serve_call(broker: Broker, event: CallReceived) -> None:
+def serve_call(broker: Broker, event: CallReceived) -> Coroutine[Any, Any, None] | None:
     """Run one received call and answer it: what every adapter does with a CallReceived.
 
-    The method's result is awaited if it is awaitable (in whatever framework
-    runs this coroutine); an exception becomes an error answer. Nothing is
-    sent for a one-way call.
+    The method runs now, so calls start in the order they arrived (a cache's
+    update runs before the answer that followed it is seen). If it returns a
+    value, or raises, the answer (or error) is queued at once and None is
+    returned. If it returns an awaitable, the coroutine returned here awaits
+    it and then answers: the adapter schedules it in its framework. Nothing
+    is sent for a one-way call.
     """
     try:
         result = event.invoke()
-        if inspect.isawaitable(result):
-            result = await result
+    except Exception as error:
+        if event.answer_required:
+            broker.send_error(event.request_id, error)
+        return None
+    if inspect.isawaitable(result):
+        return _answer_when_done(broker, event, result)
+    if event.answer_required:
+        broker.send_answer(event.request_id, result, event.perspective)
+    return None
+
+
+async def _answer_when_done(broker: Broker, event: CallReceived, awaitable: Awaitable[Any]) -> None:
+    try:
+        result = await awaitable
     except Exception as error:
         if event.answer_required:
             broker.send_error(event.request_id, error)

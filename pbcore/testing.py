@@ -15,11 +15,10 @@ coroutine functions that finish without waiting on an event loop.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .broker import Broker, PendingCall
+from .broker import Broker, PendingCall, serve_call
 from .events import CallReceived, Event
 
 __all__ = ["BrokerPair", "run_call"]
@@ -29,16 +28,9 @@ T = TypeVar("T")
 
 def run_call(broker: Broker, event: CallReceived) -> None:
     """Run one received call and send its answer or error, synchronously."""
-    try:
-        result = event.invoke()
-        if inspect.isawaitable(result):
-            result = _finish(result)
-    except Exception as error:
-        if event.answer_required:
-            broker.send_error(event.request_id, error)
-        return
-    if event.answer_required:
-        broker.send_answer(event.request_id, result, event.perspective)
+    rest = serve_call(broker, event)
+    if rest is not None:
+        _finish(rest)
 
 
 def _finish(awaitable: Any) -> Any:

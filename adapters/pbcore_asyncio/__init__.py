@@ -31,7 +31,7 @@ import collections
 import contextlib
 import ssl as ssl_module
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pbcore.broker import Broker, serve_call
@@ -152,18 +152,25 @@ class PBProtocol(asyncio.Protocol):
         self._start_calls()
 
     def _start_calls(self) -> None:
+        # Calls start now and in order; only those still awaiting something
+        # continue as tasks (and count against the limit).
+        assert self.broker is not None
         while self._waiting_calls and not self._paused and len(self._tasks) < MAX_CONCURRENT_CALLS:
-            task = self._loop.create_task(self._serve(self._waiting_calls.popleft()))
-            self._tasks.add(task)
-            task.add_done_callback(self._call_done)
+            rest = serve_call(self.broker, self._waiting_calls.popleft())
+            if rest is not None:
+                task = self._loop.create_task(self._finish(rest))
+                self._tasks.add(task)
+                task.add_done_callback(self._call_done)
+            # Written now, so that the transport can pause us (pause_writing)
+            # before the next call adds another answer.
+            self._flush()
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._start_calls()
 
-    async def _serve(self, event: CallReceived) -> None:
-        assert self.broker is not None
-        await serve_call(self.broker, event)
+    async def _finish(self, rest: Coroutine[Any, Any, None]) -> None:
+        await rest
         self._flush()
 
     def _flush(self) -> None:

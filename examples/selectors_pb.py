@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import selectors
 import socket
 import sys
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pbcore import Broker, PendingCall, ProtocolError, Referenceable, RemoteReference, Root
+from pbcore.broker import serve_call
 from pbcore.events import CallReceived, DecRefReceived, Event
 
 #: How long any one wait in this example may take before it gives up.
@@ -116,25 +116,13 @@ class Connection:
                 self.loop.on_event(self, event)
 
     def run_call(self, event: CallReceived) -> None:
-        """Run one call and queue its answer (only plain, synchronous methods here)."""
-        try:
-            result = event.invoke()
-            if inspect.isawaitable(result):
-                if inspect.iscoroutine(result):
-                    result.close()
-                raise TypeError(f"{event.method}: this loop runs only synchronous methods")
-        except Exception as error:
+        """Run one call and queue its answer (this loop runs only synchronous methods)."""
+        rest = serve_call(self.broker, event)
+        if rest is not None:
+            # An async method: a loop with a scheduler would run `rest` to completion.
+            rest.close()
             if event.answer_required:
-                self.broker.send_error(event.request_id, error)
-            return
-        if not event.answer_required:
-            return
-        try:
-            self.broker.send_answer(event.request_id, result, event.perspective)
-        except Exception as error:
-            # The result could not be serialized (NotJellyable, too many references):
-            # the caller still gets an answer, an error one.
-            self.broker.send_error(event.request_id, error)
+                self.broker.send_error(event.request_id, TypeError(f"{event.method}: only synchronous methods here"))
 
     def flush(self) -> None:
         """Write what the broker has queued; keep the rest for when the socket is writable."""

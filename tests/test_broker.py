@@ -1455,3 +1455,39 @@ def test_as_referenceable_forwards_to_the_objects_message_method() -> None:
     answer = avatar.callRemote("hello", "you")
     pair.pump()
     assert answer.unwrap() == "hello you"
+
+
+class Refusal(Error, Copyable):
+    """An Error that is also Copyable: it travels as itself, not as a failure."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def getStateToCopy(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+
+class RefusalCopy(RemoteCopy, Exception):
+    reason: str
+
+
+class Refuser(Root):
+    def remote_refuse(self) -> None:
+        raise Refusal("no, thanks")
+
+    def remote_plain_error(self) -> None:
+        raise Error("plain")
+
+
+def test_a_jellyable_error_crosses_as_itself() -> None:
+    with saved_registries():
+        setCopierForClass(Refusal, RefusalCopy)
+        pair = BrokerPair(Refuser())
+        pending = pair.client.root().callRemote("refuse")
+        pair.pump()
+        assert isinstance(pending.error, RefusalCopy)  # the copy, not a CopiedFailure
+        assert pending.error.reason == "no, thanks"
+        pending = pair.client.root().callRemote("plain_error")
+        pair.pump()
+        assert isinstance(pending.error, CopiedFailure) and pending.error.check(Error)

@@ -226,7 +226,7 @@ class Broker:
         if not self.is_client:
             self._send_plain(list(DIALECTS), b"none")
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Parse bytes from the peer; raises ProtocolError (after closing) on bad input."""
         if self.closed:
             return
@@ -248,13 +248,21 @@ class Broker:
 
     def data_to_send(self) -> bytes:
         """Take the bytes to write to the peer (including any queued decrefs)."""
-        while self._releases:
-            command, luid = self._releases.popleft()
-            if not self.closed:
-                self._send_plain([command, luid])
+        self._drain_releases()
         data = bytes(self._out)
         self._out.clear()
         return data
+
+    def _drain_releases(self) -> None:
+        while self._releases:
+            command, luid = self._releases.popleft()
+            if not self.closed:
+                self._out += self._plain[self.dialect or b"none"].encode([command, luid])
+
+    @property
+    def calls_in_flight(self) -> int:
+        """How many of our calls are waiting for an answer."""
+        return len(self._waiting)
 
     def connection_lost(self, reason: BaseException | None = None) -> None:
         """The connection is gone: fail pending calls, run disconnect notifiers (once)."""
@@ -500,6 +508,10 @@ class Broker:
         self._queue(data)
 
     def _queue(self, data: bytes | bytearray) -> None:
+        # Releases queued by finalizers go out before anything newer, as
+        # Twisted sends them: a call made after dropping a reference must not
+        # overtake its decref.
+        self._drain_releases()
         # Output made outside receive_data (an application's call, a late
         # answer) must reach the transport: tell the adapter once per batch.
         was_empty = not self._out

@@ -1,0 +1,692 @@
+"""The trio adapter over real sockets on loopback (TCP, TLS, unix), under trio and
+anyio, against itself and against real Twisted peers in subprocesses."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import pbcore_trio
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from pbcore import Cacheable, Copyable, Referenceable, RemoteCache, RemoteCopy, Root, Viewable, flavors
+from pbcore.broker import Broker
+from pbcore.cred import (
+    ANONYMOUS,
+    AllowAnonymousAccess,
+    Anonymous,
+    Avatar,
+    InMemoryPasswordChecker,
+    Portal,
+    Unauthorized,
+    UsernamePassword,
+)
+from pbcore.errors import DeadReferenceError, Error, NoSuchMethod, PBConnectionLost
+from pbcore.factory import PBClientFactory, PBServerFactory
+from pbcore.flavors import CopiedFailure, RemoteReference
+from tests.interop.peers import by_step, run_twisted_client, twisted_server
+
+T = TypeVar("T")
+
+# -- what the servers offer (the same API as tests/interop/twisted_peer.py's server) ------------
+
+
+class Thing(Referenceable):
+    def __init__(self, n: Any) -> None:
+        self.n = n
+
+    def remote_n(self) -> Any:
+        return self.n
+
+
+class Point(Copyable):
+    """Travels under the tag of twisted_peer's TwistedPoint, so both servers send the same copy."""
+
+    def __init__(self, x: int, y: int) -> None:
+        self.x = x
+        self.y = y
+
+    def getTypeToCopy(self) -> bytes:
+        return b"twisted_peer.TwistedPoint"
+
+
+class PointCopy(RemoteCopy):
+    x: int
+    y: int
+
+
+class Counter(Cacheable):
+    def __init__(self) -> None:
+        self.value = 0
+        self.observers: list[flavors.RemoteCacheObserver] = []
+
+    def getTypeToCopy(self) -> bytes:
+        return b"twisted_peer.Counter"
+
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: flavors.RemoteCacheObserver) -> Any:
+        self.observers.append(observer)
+        return {"value": self.value}
+
+    def stoppedObserving(self, perspective: Any, observer: flavors.RemoteCacheObserver) -> None:
+        self.observers.remove(observer)
+
+    def bump(self) -> int:
+        self.value += 1
+        for observer in self.observers:
+            observer.callRemote("value", self.value)
+        return self.value
+
+
+class CounterCache(RemoteCache):
+    value: int
+
+    def observe_value(self, value: int) -> None:
+        self.value = value
+
+
+flavors.setCopierForClass(b"twisted_peer.TwistedPoint", PointCopy)
+flavors.setCopierForClass(b"twisted_peer.Counter", CounterCache)
+
+
+class Shared:
+    """What every connection's root shares, for the tests to look at."""
+
+    def __init__(self) -> None:
+        self.counter = Counter()
+        self.notes: list[Any] = []
+        self.big_calls = 0
+        self.hanging = trio.Event()
+        self.hang_cancelled = False
+
+
+class PeerRoot(Root):
+    """One per connection (so ``refs`` can count this connection's table)."""
+
+    def __init__(self, broker: Broker, shared: Shared) -> None:
+        self.broker = broker
+        self.shared = shared
+
+    def remote_echo(self, *args: Any, **kw: Any) -> list[Any]:
+        return [list(args), kw]
+
+    def remote_thing(self, n: Any) -> Thing:
+        return Thing(n)
+
+    def remote_fail(self) -> None:
+        raise ValueError("nope")
+
+    def remote_known(self) -> None:
+        raise Error("known")
+
+    def remote_point(self) -> Point:
+        return Point(3, 4)
+
+    def remote_counter(self) -> Counter:
+        return self.shared.counter
+
+    def remote_bump(self) -> int:
+        return self.shared.counter.bump()
+
+    def remote_refs(self) -> int:
+        return len(self.broker.localObjects)
+
+    def remote_call_back(self, ref: RemoteReference, x: Any) -> Any:
+        return ref.callRemote("twice", x)
+
+    def remote_note(self, value: Any) -> None:
+        self.shared.notes.append(value)
+
+    def remote_notes(self) -> list[Any]:
+        return self.shared.notes
+
+    async def remote_slow(self, seconds: float) -> str:
+        await trio.sleep(seconds)
+        return "late"
+
+    async def remote_hang(self) -> None:
+        self.shared.hanging.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.shared.hang_cancelled = True
+
+    def remote_big(self, size: int) -> bytes:
+        self.shared.big_calls += 1
+        return b"x" * size
+
+
+class PeerRootMaker(Root):
+    def __init__(self) -> None:
+        self.shared = Shared()
+
+    def rootObject(self, broker: Any) -> PeerRoot:
+        return PeerRoot(broker, self.shared)
+
+
+class Twice(Referenceable):
+    def remote_twice(self, x: Any) -> Any:
+        return 2 * x
+
+
+class Board(Viewable):
+    def view_whoami(self, perspective: User) -> str:
+        return perspective.name
+
+
+class User(Avatar):
+    board = Board()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def perspective_hello(self) -> str:
+        return f"hello {self.name}"
+
+    def perspective_echo(self, x: Any) -> Any:
+        return x
+
+    def perspective_board(self) -> Board:
+        return self.board
+
+
+class Realm:
+    def __init__(self) -> None:
+        self.logouts: list[str] = []
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+        name = "anonymous" if avatar_id is ANONYMOUS else avatar_id.decode()
+        return interfaces[0], User(name), lambda: self.logouts.append(name)
+
+
+def login_factory(realm: Realm | None = None) -> PBServerFactory:
+    portal = Portal(realm or Realm(), [InMemoryPasswordChecker(alice="secret"), AllowAnonymousAccess()])
+    return PBServerFactory(portal)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def run(body: Callable[[], Awaitable[T]], timeout: float = 10) -> T:
+    """Run one async test body under trio, bounded in time."""
+
+    async def bounded() -> T:
+        with trio.fail_after(timeout):
+            return await body()
+
+    return trio.run(bounded)
+
+
+@asynccontextmanager
+async def serving(factory: PBServerFactory, **options: Any) -> AsyncIterator[pbcore_trio.Server]:
+    async with trio.open_nursery() as nursery:
+        server: pbcore_trio.Server = await nursery.start(
+            lambda task_status: pbcore_trio.serve(factory, "127.0.0.1", 0, task_status=task_status, **options)
+        )
+        try:
+            yield server
+        finally:
+            server.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        gc.collect()
+        await trio.sleep(0.01)
+
+
+def the_connection(server: pbcore_trio.Server) -> pbcore_trio.Connection:
+    (connection,) = server.connections
+    return connection
+
+
+def waiting(factory: PBClientFactory) -> dict[int, Any]:
+    assert factory.broker is not None
+    return factory.broker._waiting  # the calls the broker still waits for
+
+
+# -- trio against trio ------------------------------------------------------------------------------
+
+
+def test_calls_references_copies_errors_and_one_way_calls() -> None:
+    async def body() -> None:
+        maker = PeerRootMaker()
+        async with serving(PBServerFactory(maker)) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
+                assert connection.broker is factory.broker
+                root = await factory.getRootObject()
+                assert await root.callRemote("echo", 1, "two", b"three", key=None) == [
+                    [1, "two", b"three"],
+                    {"key": None},
+                ]
+
+                # A reference from the server, called, then released.
+                thing = await root.callRemote("thing", 5)
+                assert await thing.callRemote("n") == 5
+                server_broker = the_connection(server).broker
+                assert len(server_broker.localObjects) == 2
+                del thing
+                await until(lambda: len(server_broker.localObjects) == 1)
+
+                # A reference to the client's object, called back by the server, then released.
+                twice = Twice()
+                assert await root.callRemote("call_back", twice, 21) == 42
+                client_broker = factory.broker
+                assert client_broker is not None
+                await until(lambda: len(client_broker.localObjects) == 0)
+
+                point = await root.callRemote("point")
+                assert isinstance(point, PointCopy) and (point.x, point.y) == (3, 4)
+
+                with pytest.raises(CopiedFailure) as failed:
+                    await root.callRemote("fail")
+                assert failed.value.type == "builtins.ValueError" and failed.value.value == "nope"
+                with pytest.raises(CopiedFailure) as failed:
+                    await root.callRemote("known")
+                assert failed.value.check(Error) is Error
+                with pytest.raises(CopiedFailure) as failed:
+                    await root.callRemote("missing")
+                assert failed.value.check(NoSuchMethod) is NoSuchMethod
+
+                # One-way calls are written at once and run in the order they were sent.
+                for n in range(50):
+                    assert root.callRemote("note", n, pbanswer=False) is None
+                assert await root.callRemote("notes") == list(range(50))
+                assert waiting(factory) == {}
+
+    run(body)
+
+
+def test_caches_follow_updates_and_are_released() -> None:
+    async def body() -> None:
+        maker = PeerRootMaker()
+        async with serving(PBServerFactory(maker)) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                cache = await root.callRemote("counter")
+                assert isinstance(cache, CounterCache) and cache.value == 0
+                assert await root.callRemote("bump") == 1
+                assert cache.value == 1  # the update arrived before the answer
+                again = await root.callRemote("counter")
+                assert again == cache and len(maker.shared.counter.observers) == 1
+                assert await root.callRemote("bump") == 2 and again.value == 2
+                del cache, again
+                await until(lambda: not maker.shared.counter.observers)  # decache, then uncache
+
+    run(body)
+
+
+def test_many_pipelined_calls_that_call_back_do_not_stall() -> None:
+    async def body() -> None:
+        async with serving(PBServerFactory(PeerRootMaker())) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                twice = Twice()
+                pending = [root.callRemote("call_back", twice, n) for n in range(300)]
+                assert [await result for result in pending] == [2 * n for n in range(300)]
+
+    run(body)
+
+
+def test_a_reference_released_in_another_thread_is_flushed_by_the_wake_up() -> None:
+    async def body() -> None:
+        async with serving(PBServerFactory(PeerRootMaker())) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                held = [await root.callRemote("thing", 1)]
+                server_broker = the_connection(server).broker
+                assert len(server_broker.localObjects) == 2
+
+                def release() -> None:
+                    held.clear()
+                    gc.collect()
+
+                await trio.to_thread.run_sync(release)
+                # No call of ours follows: only the wake-up can have sent the decref.
+                while len(server_broker.localObjects) != 1:
+                    await trio.sleep(0.01)
+
+    run(body)
+
+
+def test_login_with_right_and_wrong_passwords_anonymously_and_viewpoints() -> None:
+    async def body() -> None:
+        realm = Realm()
+        async with serving(login_factory(realm)) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                alice = await factory.login(UsernamePassword("alice", "secret"))
+                assert await alice.callRemote("hello") == "hello alice"
+                board = await alice.callRemote("board")  # a Viewable: seen through alice's perspective
+                assert await board.callRemote("whoami") == "alice"
+                with pytest.raises(CopiedFailure) as failed:
+                    await factory.login(UsernamePassword("alice", "wrong"))
+                assert failed.value.check(Unauthorized) is Unauthorized
+                anonymous = await factory.login(Anonymous())
+                assert await anonymous.callRemote("hello") == "hello anonymous"
+                del alice, board
+                await until(lambda: realm.logouts == ["alice"])
+            await until(lambda: sorted(realm.logouts) == ["alice", "anonymous"])  # the connection closed
+
+    run(body)
+
+
+def test_a_cancelled_call_is_forgotten_and_its_late_answer_dropped() -> None:
+    async def body() -> None:
+        async with serving(PBServerFactory(PeerRootMaker())) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                with trio.move_on_after(0.05) as scope:
+                    await root.callRemote("slow", 0.3)
+                assert scope.cancelled_caught
+                assert waiting(factory) == {}  # forgotten at once
+                with pytest.raises(trio.TooSlowError), trio.fail_after(0.05):
+                    await root.callRemote("slow", 0.3)
+                assert waiting(factory) == {}
+
+                # A slow call does not hold up the others.
+                slow = root.callRemote("slow", 0.3)
+                with trio.fail_after(0.2):
+                    assert await root.callRemote("echo", "quick") == [["quick"], {}]
+                assert await slow == "late"
+                await trio.sleep(0.4)  # the late answers arrive and are dropped
+                assert await root.callRemote("echo", "still fine") == [["still fine"], {}]
+                assert waiting(factory) == {}
+
+    run(body)
+
+
+def test_an_error_in_the_block_comes_out_as_itself_and_closes_the_connection() -> None:
+    async def body() -> None:
+        async with serving(PBServerFactory(PeerRootMaker())) as server:
+            factory = PBClientFactory()
+            with pytest.raises(KeyError):  # not wrapped in an ExceptionGroup
+                async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
+                    root = await factory.getRootObject()
+                    assert await root.callRemote("echo", 1) == [[1], {}]
+                    raise KeyError("mine")
+            assert connection.closed.is_set()
+            await until(lambda: not server.connections)
+
+    run(body)
+
+
+def test_a_dropped_connection_fails_the_pending_call() -> None:
+    async def body() -> None:
+        maker = PeerRootMaker()
+        async with serving(PBServerFactory(maker)) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
+                root = await factory.getRootObject()
+                outcome: list[BaseException] = []
+
+                async def call() -> None:
+                    try:
+                        await root.callRemote("hang")
+                    except PBConnectionLost as error:
+                        outcome.append(error)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(call)
+                    await maker.shared.hanging.wait()
+                    the_connection(server).close()  # the server drops it mid-call
+                assert len(outcome) == 1
+                await connection.wait_closed()
+                with pytest.raises(DeadReferenceError):
+                    root.callRemote("echo")
+                await until(lambda: maker.shared.hang_cancelled and not server.connections)
+
+    run(body)
+
+
+def test_a_peer_sending_garbage_is_dropped_and_the_others_go_on() -> None:
+    async def body() -> None:
+        async with serving(PBServerFactory(PeerRootMaker())) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+                assert await raw.receive_some(1024)  # the dialect offer
+                await raw.send_all(b"\x02\x82pb\xffgarbage")
+                try:
+                    while await raw.receive_some(1024):
+                        pass  # the server's version message, then EOF
+                except trio.BrokenResourceError:
+                    pass  # or a reset
+                await raw.aclose()
+                await until(lambda: len(server.connections) == 1)
+                assert await root.callRemote("echo", "alive") == [["alive"], {}]
+
+    run(body)
+
+
+def test_a_peer_that_never_reads_makes_the_server_wait_not_buffer() -> None:
+    size, calls = 500_000, 200
+
+    async def body() -> None:
+        maker = PeerRootMaker()
+        async with serving(PBServerFactory(maker)) as server:
+            raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+            broker = Broker(is_client=True)
+            broker.connection_made()
+            while not broker.ready:
+                broker.receive_data(bytes(await raw.receive_some(65536)))
+                await raw.send_all(broker.data_to_send())
+            for _ in range(calls):
+                broker.root().callRemote("big", size)
+            await raw.send_all(broker.data_to_send())  # and never read again
+            await trio.sleep(0.5)
+            connection = the_connection(server)
+            served = maker.shared.big_calls
+            assert served < calls  # it stopped reading and running calls ...
+            assert connection.backlog <= pbcore_trio.HIGH_WATER + size + 100  # ... and buffers a bounded amount
+            await trio.sleep(0.2)
+            assert maker.shared.big_calls == served  # still waiting, not growing
+
+            factory = PBClientFactory()  # the server still serves others
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                assert await root.callRemote("echo", 1) == [[1], {}]
+            await raw.aclose()
+            await until(lambda: not server.connections)
+
+    run(body)
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_tls(tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+
+    async def body() -> None:
+        async with serving(PBServerFactory(PeerRootMaker()), ssl_context=server_context) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(
+                factory, "127.0.0.1", server.port, ssl_context=client_context, server_hostname="localhost"
+            ):
+                root = await factory.getRootObject()
+                assert await root.callRemote("echo", "secret") == [["secret"], {}]
+                big = await root.callRemote("big", 300_000)
+                assert big == b"x" * 300_000
+            # A client that does not trust the certificate is refused; the server goes on.
+            with pytest.raises(trio.BrokenResourceError):
+                async with pbcore_trio.open_connection(
+                    PBClientFactory(), "127.0.0.1", server.port, ssl_context=ssl.create_default_context()
+                ):
+                    pass
+
+    run(body)
+
+
+def test_unix_sockets(tmp_path: Path) -> None:
+    path = tmp_path / "pb.sock"
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            server: pbcore_trio.Server = await nursery.start(
+                pbcore_trio.serve_unix, PBServerFactory(PeerRootMaker()), path
+            )
+            factory = PBClientFactory()
+            async with pbcore_trio.open_unix_connection(factory, path):
+                root = await factory.getRootObject()
+                thing = await root.callRemote("thing", 7)
+                assert await thing.callRemote("n") == 7
+            server.close()
+        assert not path.exists()
+
+    run(body)
+
+
+def test_under_anyio_with_the_trio_backend() -> None:
+    async def body() -> None:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                server: pbcore_trio.Server = await group.start(
+                    pbcore_trio.serve, PBServerFactory(PeerRootMaker()), "127.0.0.1", 0
+                )
+                factory = PBClientFactory()
+                async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                    root = await factory.getRootObject()
+                    assert await root.callRemote("echo", "anyio") == [["anyio"], {}]
+                    with anyio.move_on_after(0.05) as scope:
+                        await root.callRemote("slow", 1.0)
+                    assert scope.cancelled_caught and waiting(factory) == {}
+                    assert await root.callRemote("call_back", Twice(), 4) == 8
+                server.close()
+
+    anyio.run(body, backend="trio")
+
+
+# -- against Twisted, over real TCP ---------------------------------------------------------------
+
+
+def test_trio_client_against_a_twisted_server() -> None:
+    async def body(port: int) -> None:
+        factory = PBClientFactory()
+        async with pbcore_trio.open_connection(factory, "127.0.0.1", port):
+            root = await factory.getRootObject()
+            assert await root.callRemote("echo", 1, "two", b"three", key="value") == [
+                [1, "two", b"three"],
+                {"key": "value"},
+            ]
+            before = await root.callRemote("refs")
+            thing = await root.callRemote("thing", 5)
+            assert await thing.callRemote("n") == 5
+            assert await root.callRemote("refs") == before + 1
+            del thing
+            gc.collect()
+            assert await root.callRemote("refs") == before  # the decref went out first
+            with pytest.raises(CopiedFailure) as failed:
+                await root.callRemote("fail")
+            assert (failed.value.type, failed.value.value) == ("builtins.ValueError", "nope")
+            with pytest.raises(CopiedFailure) as failed:
+                await root.callRemote("known")
+            assert failed.value.check(Error) is Error
+            with pytest.raises(CopiedFailure) as failed:
+                await root.callRemote("no_such_method")
+            assert failed.value.check(NoSuchMethod) is NoSuchMethod
+            point = await root.callRemote("point")
+            assert isinstance(point, PointCopy) and (point.x, point.y) == (3, 4)
+            cache = await root.callRemote("counter")
+            assert isinstance(cache, CounterCache) and cache.value == 0
+            assert await root.callRemote("bump") == 1 and cache.value == 1
+            assert await root.callRemote("call_back", Twice(), 21) == 42
+            with trio.move_on_after(0.01):
+                await root.callRemote("echo", "cancelled at once")
+            assert waiting(factory) == {}
+            assert await root.callRemote("echo", "after") == [["after"], {}]
+
+    with twisted_server() as port:
+        run(lambda: body(port))
+
+
+def test_trio_client_logs_in_to_a_twisted_server() -> None:
+    async def body(port: int) -> None:
+        factory = PBClientFactory()
+        async with pbcore_trio.open_connection(factory, "127.0.0.1", port):
+            alice = await factory.login(UsernamePassword("alice", "secret"))
+            assert await alice.callRemote("hello") == "hello alice"
+            assert await alice.callRemote("echo", [1, "x"]) == [1, "x"]
+            with pytest.raises(CopiedFailure) as failed:
+                await factory.login(UsernamePassword("alice", "wrong"))
+            assert failed.value.check(Unauthorized) is Unauthorized
+            anonymous = await factory.login(Anonymous())
+            assert await anonymous.callRemote("hello") == "hello anonymous"
+
+    with twisted_server(login=True) as port:
+        run(lambda: body(port))
+
+
+def test_twisted_clients_against_the_trio_server() -> None:
+    async def body() -> dict[str, dict[str, dict[str, Any]]]:
+        results: dict[str, dict[str, dict[str, Any]]] = {}
+        async with serving(PBServerFactory(PeerRootMaker())) as server:
+            for script in ("basic", "refs", "cache"):
+                steps = await trio.to_thread.run_sync(run_twisted_client, server.port, script)
+                results[script] = by_step(steps)
+        async with serving(login_factory()) as server:
+            steps = await trio.to_thread.run_sync(run_twisted_client, server.port, "login")
+            results["login"] = by_step(steps)
+        return results
+
+    results = run(body, timeout=60)
+    value = {script: {name: step.get("value") for name, step in steps.items()} for script, steps in results.items()}
+    kind = {script: {name: step.get("type") for name, step in steps.items()} for script, steps in results.items()}
+    assert value["basic"]["echo"] == [[1, "two", {"bytes": "three"}, 4.5, None, [1, 2]], {"key": "value"}]
+    assert value["basic"]["thing"] == 5
+    assert kind["basic"]["fail"] == "builtins.ValueError" and results["basic"]["fail"]["message"] == "nope"
+    assert kind["basic"]["known"] == "twisted.spread.pb.Error" and results["basic"]["known"]["message"] == "known"
+    assert kind["basic"]["missing"] == "twisted.spread.flavors.NoSuchMethod"
+    assert value["basic"]["point"] == {"class": "TwistedPointCopy", "x": 3, "y": 4}
+    assert value["refs"] == {"before": 1, "thing": 5, "held": 2, "after": 1, "call_back": 42, "after_call_back": 1}
+    assert value["cache"] == {"counter": {"value": 0}, "bump": 1, "cached": 1, "bump2": 2, "cached2": 2}
+    assert value["login"]["hello"] == "hello alice" and value["login"]["echo"] == "x"
+    assert kind["login"]["wrong_password"] == "twisted.cred.error.UnauthorizedLogin"
+    assert value["login"]["anonymous"] == "hello anonymous"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import gc
-import ipaddress
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -14,10 +12,6 @@ from typing import Any, TypeVar
 
 import pbcore_asyncio
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from pbcore import Cacheable, Copyable, Referenceable, RemoteCache, RemoteCopy, Root, flavors
 from pbcore.broker import Broker
@@ -25,6 +19,7 @@ from pbcore.cred import AllowAnonymousAccess, Anonymous, Avatar, InMemoryPasswor
 from pbcore.errors import NoSuchMethod, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure
+from tests.adapters.certs import make_certificate
 
 T = TypeVar("T")
 
@@ -319,33 +314,6 @@ def test_a_peer_that_stops_reading_does_not_make_the_server_buffer_without_bound
         await server.wait_closed()
 
     run(body)
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
 
 
 def test_tls(tmp_path: Path) -> None:

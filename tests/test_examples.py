@@ -215,7 +215,7 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", path.read_text(encoding="utf-8"), flags=re.S | re.M)
 
 
-@pytest.mark.parametrize("doc", ["object-model.md", "embedding.md"])
+@pytest.mark.parametrize("doc", ["object-model.md", "embedding.md", "tutorial.md"])
 def test_doc_snippets_run(doc: str) -> None:
     """Every ``python`` block of the page, in order, in one namespace, as the reader would."""
     blocks = python_blocks(ROOT / "docs" / doc)

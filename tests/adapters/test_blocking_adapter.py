@@ -1,0 +1,263 @@
+"""The blocking adapter (plain sockets and threads) over loopback, and against Twisted."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pbcore_blocking
+import pytest
+
+from pbcore import Referenceable, Root
+from pbcore.cred import AllowAnonymousAccess, Anonymous, Avatar, InMemoryPasswordChecker, Portal, UsernamePassword
+from pbcore.errors import PBConnectionLost
+from pbcore.factory import PBClientFactory, PBServerFactory
+from pbcore.flavors import CopiedFailure, RemoteReference
+from tests.adapters.certs import make_certificate
+from tests.interop.peers import twisted_server
+
+TIMEOUT = 5.0
+
+
+class Thing(Referenceable):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def remote_n(self) -> int:
+        return self.n
+
+
+class Twice(Referenceable):
+    def remote_twice(self, x: Any) -> Any:
+        return x * 2
+
+
+class Service(Root):
+    def remote_echo(self, *args: Any, **kw: Any) -> Any:
+        return [list(args), kw]
+
+    def remote_thing(self, n: int) -> Thing:
+        return Thing(n)
+
+    def remote_fail(self) -> None:
+        raise ValueError("nope")
+
+    def remote_sleep(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "slept"
+
+    async def remote_quick(self) -> str:
+        return "quick"
+
+    async def remote_waits(self) -> str:
+        await asyncio.sleep(0)  # suspends: the blocking adapter answers with an error
+        return "never"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture
+def server() -> Iterator[pbcore_blocking.BlockingServer]:
+    with pbcore_blocking.serve(PBServerFactory(Service()), "127.0.0.1", 0) as served:
+        yield served
+
+
+def connect(port: int) -> pbcore_blocking.BlockingConnection:
+    return pbcore_blocking.connect(PBClientFactory(), "127.0.0.1", port, timeout=TIMEOUT)
+
+
+def test_calls(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        root = connection.root()
+        assert connection.call(root, "echo", 1, "two", x=b"3") == [[1, "two"], {"x": b"3"}]
+        assert connection.call(root, "quick") == "quick"
+        twice = Twice()  # a reference to our own object comes back as that object
+        assert connection.call(root, "echo", twice)[0][0] is twice
+
+
+def test_a_method_that_waits_gets_an_error(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        root = connection.root()
+        with pytest.raises(CopiedFailure) as caught:
+            connection.call(root, "waits")
+        assert caught.value.check(RuntimeError)
+        assert connection.call(root, "echo", 1) == [[1], {}]
+
+
+def test_tls(tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+    with pbcore_blocking.serve(PBServerFactory(Service()), "127.0.0.1", 0, ssl_context=server_context) as server:
+        connection = pbcore_blocking.connect(
+            PBClientFactory(),
+            "127.0.0.1",
+            server.port,
+            timeout=TIMEOUT,
+            ssl_context=client_context,
+            server_hostname="localhost",
+        )
+        with connection:
+            root = connection.root()
+            assert connection.call(root, "echo", "secure") == [["secure"], {}]
+            big = b"x" * 300_000
+            assert connection.call(root, "echo", big) == [[big], {}]
+            thing = connection.call(root, "thing", 4)
+            assert connection.call(thing, "n") == 4
+
+
+def test_references_are_released(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        root = connection.root()
+        thing = connection.call(root, "thing", 7)
+        assert isinstance(thing, RemoteReference)
+        assert connection.call(thing, "n") == 7
+        (served,) = server.connections
+        assert len(served.broker.localObjects) == 2
+        del thing
+        gc.collect()
+        assert wait_until(lambda: set(served.broker.localObjects) == {b"root"})
+
+
+def test_errors(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        root = connection.root()
+        with pytest.raises(CopiedFailure) as caught:
+            connection.call(root, "fail")
+        assert caught.value.check(ValueError)
+        assert connection.call(root, "echo", 1) == [[1], {}]
+
+
+def test_login_through_a_portal() -> None:
+    class User(Avatar):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def perspective_hello(self) -> str:
+            return f"hello {self.name}"
+
+    class Realm:
+        def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+            name = avatar_id.decode() if isinstance(avatar_id, bytes) else "anonymous"
+            return interfaces[0], User(name), lambda: None
+
+    portal = Portal(Realm(), [InMemoryPasswordChecker(alice="secret"), AllowAnonymousAccess()])
+    with pbcore_blocking.serve(PBServerFactory(portal), "127.0.0.1", 0) as server:
+        for credentials, expected in (
+            (UsernamePassword("alice", "secret"), "hello alice"),
+            (Anonymous(), "hello anonymous"),
+        ):
+            with connect(server.port) as connection:
+                avatar = connection.login(credentials)
+                assert connection.call(avatar, "hello") == expected
+        with connect(server.port) as connection:
+            with pytest.raises(CopiedFailure) as caught:
+                connection.login(UsernamePassword("alice", "wrong"))
+            assert caught.value.type == "twisted.cred.error.UnauthorizedLogin"
+
+
+def test_call_timeout(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        root = connection.root()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            connection.call(root, "sleep", 1.0, timeout=0.1)
+        assert time.monotonic() - started < 0.9
+        assert connection.broker.calls_in_flight == 0
+        assert connection.call(root, "echo", 2) == [[2], {}]
+
+
+def test_connection_dropped_mid_call() -> None:
+    server = pbcore_blocking.serve(PBServerFactory(Service()), "127.0.0.1", 0)
+    try:
+        with connect(server.port) as connection:
+            root = connection.root()
+            closer = threading.Timer(0.1, server.close)
+            closer.start()
+            with pytest.raises(PBConnectionLost):
+                connection.call(root, "sleep", 0.5)
+            closer.join(TIMEOUT)
+            assert connection.closed
+    finally:
+        server.close()
+
+
+def test_client_close_fails_waiting_call(server: pbcore_blocking.BlockingServer) -> None:
+    connection = connect(server.port)
+    root = connection.root()
+    closer = threading.Timer(0.1, connection.close)
+    closer.start()
+    with pytest.raises(PBConnectionLost):
+        connection.call(root, "sleep", 0.5)
+    closer.join(TIMEOUT)
+
+
+def test_garbage_closes_only_that_connection(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as good:
+        root = good.root()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
+            raw.sendall(b"\xff" * 100)
+            received = b""
+            while True:
+                chunk = raw.recv(4096)  # the offer, then end of file
+                if not chunk:
+                    break
+                received += chunk
+        assert wait_until(lambda: len(server.connections) == 1)
+        assert good.call(root, "echo", 3) == [[3], {}]
+
+
+def test_server_close_is_bounded(server: pbcore_blocking.BlockingServer) -> None:
+    connections = [connect(server.port) for _ in range(3)]
+    for connection in connections:
+        connection.root()
+    started = time.monotonic()
+    server.close()
+    assert time.monotonic() - started < 2
+    assert wait_until(lambda: all(connection.closed for connection in connections))
+    for connection in connections:
+        connection.close()
+
+
+def test_against_twisted_server() -> None:
+    with twisted_server() as port, connect(port) as connection:
+        root = connection.root()
+        assert connection.call(root, "echo", 1, "a", k=2) == [[1, "a"], {"k": 2}]
+        thing = connection.call(root, "thing", 5)
+        assert connection.call(thing, "n") == 5
+        with pytest.raises(CopiedFailure) as caught:
+            connection.call(root, "fail")
+        assert caught.value.check(ValueError)
+        # Twisted calls back a Referenceable of ours (run in our reader thread).
+        assert connection.call(root, "call_back", Twice(), 21) == 42
+        del thing
+        gc.collect()
+        assert wait_until(lambda: connection.call(root, "refs") == 1)
+
+
+def test_login_against_twisted_server() -> None:
+    with twisted_server(login=True) as port:
+        with connect(port) as connection:
+            avatar = connection.login(UsernamePassword("alice", "secret"))
+            assert connection.call(avatar, "hello") == "hello alice"
+        with connect(port) as connection:
+            avatar = connection.login(Anonymous())
+            assert connection.call(avatar, "echo", [1, 2]) == [1, 2]
+        with connect(port) as connection, pytest.raises(CopiedFailure) as caught:
+            connection.login(UsernamePassword("alice", "wrong"))
+        assert caught.value.type == "twisted.cred.error.UnauthorizedLogin"

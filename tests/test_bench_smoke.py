@@ -81,3 +81,17 @@ def test_quick_run_prints_the_table_and_writes_the_record(tmp_path: Path) -> Non
 
     for target in record["targets"]:
         assert set(target) == {"target", "measured", "met"}
+
+
+def test_broker_benchmark_runs() -> None:
+    """bench/broker.py --quick works and prints one row per payload (no timing is checked)."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "broker.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = [line for line in completed.stdout.splitlines() if line.rstrip().endswith("x")]
+    assert len(rows) == 3, completed.stdout

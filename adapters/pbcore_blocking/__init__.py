@@ -26,6 +26,13 @@ event loop, or on another PB call) gets an error answer instead. A method
 must not make blocking calls over its own connection (the reader thread that
 would deliver the answer is the one running it): that raises RuntimeError.
 
+Known limits: a served method runs holding its connection's lock, so other
+threads using that connection wait while it runs. And in theory, if the
+garbage collector releases references of connection A in a thread holding
+connection B's lock while another thread does the opposite, the two wake-ups
+could deadlock; the fix would be for a wake-up to try the lock without
+blocking and leave a flag for the holder to flush.
+
 All the protocol lives in :mod:`pbcore`; this module only moves bytes, runs
 calls (:func:`pbcore.broker.serve_call`) and wires the broker's wake-up.
 """

@@ -15,11 +15,12 @@ import pytest
 
 from pbcore import Cacheable, Copyable, Referenceable, RemoteCache, RemoteCopy, Root, flavors
 from pbcore.broker import Broker
-from pbcore.cred import AllowAnonymousAccess, Anonymous, Avatar, InMemoryPasswordChecker, Portal, UsernamePassword
+from pbcore.cred import Anonymous, UsernamePassword
 from pbcore.errors import NoSuchMethod, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure
 from tests.adapters.certs import make_certificate
+from tests.adapters.services import login_factory
 
 T = TypeVar("T")
 
@@ -187,21 +188,8 @@ def test_calls_references_copies_caches_and_errors(protocols: list[pbcore_asynci
 
 
 def test_login_through_a_portal() -> None:
-    class User(Avatar):
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def perspective_hello(self) -> str:
-            return f"hello {self.name}"
-
-    class Realm:
-        def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
-            name = avatar_id.decode() if isinstance(avatar_id, bytes) else "anonymous"
-            return interfaces[0], User(name), lambda: None
-
     async def body() -> None:
-        portal = Portal(Realm(), [InMemoryPasswordChecker(alice="secret"), AllowAnonymousAccess()])
-        server, port = await served(PBServerFactory(portal))
+        server, port = await served(login_factory())
         for credentials, expected in (
             (UsernamePassword("alice", "secret"), "hello alice"),
             (Anonymous(), "hello anonymous"),

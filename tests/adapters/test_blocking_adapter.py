@@ -16,11 +16,12 @@ import pbcore_blocking
 import pytest
 
 from pbcore import Referenceable, Root
-from pbcore.cred import AllowAnonymousAccess, Anonymous, Avatar, InMemoryPasswordChecker, Portal, UsernamePassword
+from pbcore.cred import Anonymous, UsernamePassword
 from pbcore.errors import PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure, RemoteReference
 from tests.adapters.certs import make_certificate
+from tests.adapters.services import login_factory
 from tests.interop.peers import twisted_server
 
 TIMEOUT = 5.0
@@ -144,20 +145,7 @@ def test_errors(server: pbcore_blocking.BlockingServer) -> None:
 
 
 def test_login_through_a_portal() -> None:
-    class User(Avatar):
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def perspective_hello(self) -> str:
-            return f"hello {self.name}"
-
-    class Realm:
-        def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
-            name = avatar_id.decode() if isinstance(avatar_id, bytes) else "anonymous"
-            return interfaces[0], User(name), lambda: None
-
-    portal = Portal(Realm(), [InMemoryPasswordChecker(alice="secret"), AllowAnonymousAccess()])
-    with pbcore_blocking.serve(PBServerFactory(portal), "127.0.0.1", 0) as server:
+    with pbcore_blocking.serve(login_factory(), "127.0.0.1", 0) as server:
         for credentials, expected in (
             (UsernamePassword("alice", "secret"), "hello alice"),
             (Anonymous(), "hello anonymous"),

@@ -15,136 +15,42 @@ import pbcore_trio
 import pytest
 import trio
 
-from pbcore import Cacheable, Copyable, Referenceable, RemoteCache, RemoteCopy, Root, Viewable, flavors
+from pbcore import Root
 from pbcore.broker import Broker
 from pbcore.cred import (
-    ANONYMOUS,
-    AllowAnonymousAccess,
     Anonymous,
-    Avatar,
-    InMemoryPasswordChecker,
-    Portal,
     Unauthorized,
     UsernamePassword,
 )
 from pbcore.errors import DeadReferenceError, Error, NoSuchMethod, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
-from pbcore.flavors import CopiedFailure, RemoteReference
+from pbcore.flavors import CopiedFailure
 from tests.adapters.certs import make_certificate
+from tests.adapters.services import (
+    CounterCache,
+    PeerRoot,
+    PointCopy,
+    Realm,
+    Shared,
+    Twice,
+    login_factory,
+)
 from tests.interop.peers import by_step, run_twisted_client, twisted_server
 
 T = TypeVar("T")
 
-# -- what the servers offer (the same API as tests/interop/twisted_peer.py's server) ------------
+# -- what the servers offer: tests/adapters/services.py, plus two trio methods -------------------
 
 
-class Thing(Referenceable):
-    def __init__(self, n: Any) -> None:
-        self.n = n
-
-    def remote_n(self) -> Any:
-        return self.n
-
-
-class Point(Copyable):
-    """Travels under the tag of twisted_peer's TwistedPoint, so both servers send the same copy."""
-
-    def __init__(self, x: int, y: int) -> None:
-        self.x = x
-        self.y = y
-
-    def getTypeToCopy(self) -> bytes:
-        return b"twisted_peer.TwistedPoint"
-
-
-class PointCopy(RemoteCopy):
-    x: int
-    y: int
-
-
-class Counter(Cacheable):
+class TrioShared(Shared):
     def __init__(self) -> None:
-        self.value = 0
-        self.observers: list[flavors.RemoteCacheObserver] = []
-
-    def getTypeToCopy(self) -> bytes:
-        return b"twisted_peer.Counter"
-
-    def getStateToCacheAndObserveFor(self, perspective: Any, observer: flavors.RemoteCacheObserver) -> Any:
-        self.observers.append(observer)
-        return {"value": self.value}
-
-    def stoppedObserving(self, perspective: Any, observer: flavors.RemoteCacheObserver) -> None:
-        self.observers.remove(observer)
-
-    def bump(self) -> int:
-        self.value += 1
-        for observer in self.observers:
-            observer.callRemote("value", self.value)
-        return self.value
-
-
-class CounterCache(RemoteCache):
-    value: int
-
-    def observe_value(self, value: int) -> None:
-        self.value = value
-
-
-flavors.setCopierForClass(b"twisted_peer.TwistedPoint", PointCopy)
-flavors.setCopierForClass(b"twisted_peer.Counter", CounterCache)
-
-
-class Shared:
-    """What every connection's root shares, for the tests to look at."""
-
-    def __init__(self) -> None:
-        self.counter = Counter()
-        self.notes: list[Any] = []
-        self.big_calls = 0
+        super().__init__()
         self.hanging = trio.Event()
         self.hang_cancelled = False
 
 
-class PeerRoot(Root):
-    """One per connection (so ``refs`` can count this connection's table)."""
-
-    def __init__(self, broker: Broker, shared: Shared) -> None:
-        self.broker = broker
-        self.shared = shared
-
-    def remote_echo(self, *args: Any, **kw: Any) -> list[Any]:
-        return [list(args), kw]
-
-    def remote_thing(self, n: Any) -> Thing:
-        return Thing(n)
-
-    def remote_fail(self) -> None:
-        raise ValueError("nope")
-
-    def remote_known(self) -> None:
-        raise Error("known")
-
-    def remote_point(self) -> Point:
-        return Point(3, 4)
-
-    def remote_counter(self) -> Counter:
-        return self.shared.counter
-
-    def remote_bump(self) -> int:
-        return self.shared.counter.bump()
-
-    def remote_refs(self) -> int:
-        return len(self.broker.localObjects)
-
-    def remote_call_back(self, ref: RemoteReference, x: Any) -> Any:
-        return ref.callRemote("twice", x)
-
-    def remote_note(self, value: Any) -> None:
-        self.shared.notes.append(value)
-
-    def remote_notes(self) -> list[Any]:
-        return self.shared.notes
+class TrioPeerRoot(PeerRoot):
+    shared: TrioShared
 
     async def remote_slow(self, seconds: float) -> str:
         await trio.sleep(seconds)
@@ -157,57 +63,13 @@ class PeerRoot(Root):
         finally:
             self.shared.hang_cancelled = True
 
-    def remote_big(self, size: int) -> bytes:
-        self.shared.big_calls += 1
-        return b"x" * size
 
-
-class PeerRootMaker(Root):
+class TrioPeerRootMaker(Root):
     def __init__(self) -> None:
-        self.shared = Shared()
+        self.shared = TrioShared()
 
-    def rootObject(self, broker: Any) -> PeerRoot:
-        return PeerRoot(broker, self.shared)
-
-
-class Twice(Referenceable):
-    def remote_twice(self, x: Any) -> Any:
-        return 2 * x
-
-
-class Board(Viewable):
-    def view_whoami(self, perspective: User) -> str:
-        return perspective.name
-
-
-class User(Avatar):
-    board = Board()
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def perspective_hello(self) -> str:
-        return f"hello {self.name}"
-
-    def perspective_echo(self, x: Any) -> Any:
-        return x
-
-    def perspective_board(self) -> Board:
-        return self.board
-
-
-class Realm:
-    def __init__(self) -> None:
-        self.logouts: list[str] = []
-
-    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
-        name = "anonymous" if avatar_id is ANONYMOUS else avatar_id.decode()
-        return interfaces[0], User(name), lambda: self.logouts.append(name)
-
-
-def login_factory(realm: Realm | None = None) -> PBServerFactory:
-    portal = Portal(realm or Realm(), [InMemoryPasswordChecker(alice="secret"), AllowAnonymousAccess()])
-    return PBServerFactory(portal)
+    def rootObject(self, broker: Any) -> TrioPeerRoot:
+        return TrioPeerRoot(broker, self.shared)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -256,7 +118,7 @@ def waiting(factory: PBClientFactory) -> dict[int, Any]:
 
 def test_calls_references_copies_errors_and_one_way_calls() -> None:
     async def body() -> None:
-        maker = PeerRootMaker()
+        maker = TrioPeerRootMaker()
         async with serving(PBServerFactory(maker)) as server:
             factory = PBClientFactory()
             async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
@@ -306,7 +168,7 @@ def test_calls_references_copies_errors_and_one_way_calls() -> None:
 
 def test_caches_follow_updates_and_are_released() -> None:
     async def body() -> None:
-        maker = PeerRootMaker()
+        maker = TrioPeerRootMaker()
         async with serving(PBServerFactory(maker)) as server:
             factory = PBClientFactory()
             async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
@@ -326,7 +188,7 @@ def test_caches_follow_updates_and_are_released() -> None:
 
 def test_many_pipelined_calls_that_call_back_do_not_stall() -> None:
     async def body() -> None:
-        async with serving(PBServerFactory(PeerRootMaker())) as server:
+        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
             factory = PBClientFactory()
             async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
                 root = await factory.getRootObject()
@@ -339,7 +201,7 @@ def test_many_pipelined_calls_that_call_back_do_not_stall() -> None:
 
 def test_a_reference_released_in_another_thread_is_flushed_by_the_wake_up() -> None:
     async def body() -> None:
-        async with serving(PBServerFactory(PeerRootMaker())) as server:
+        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
             factory = PBClientFactory()
             async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
                 root = await factory.getRootObject()
@@ -383,7 +245,7 @@ def test_login_with_right_and_wrong_passwords_anonymously_and_viewpoints() -> No
 
 def test_a_cancelled_call_is_forgotten_and_its_late_answer_dropped() -> None:
     async def body() -> None:
-        async with serving(PBServerFactory(PeerRootMaker())) as server:
+        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
             factory = PBClientFactory()
             async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
                 root = await factory.getRootObject()
@@ -409,7 +271,7 @@ def test_a_cancelled_call_is_forgotten_and_its_late_answer_dropped() -> None:
 
 def test_an_error_in_the_block_comes_out_as_itself_and_closes_the_connection() -> None:
     async def body() -> None:
-        async with serving(PBServerFactory(PeerRootMaker())) as server:
+        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
             factory = PBClientFactory()
             with pytest.raises(KeyError):  # not wrapped in an ExceptionGroup
                 async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
@@ -424,7 +286,7 @@ def test_an_error_in_the_block_comes_out_as_itself_and_closes_the_connection() -
 
 def test_a_dropped_connection_fails_the_pending_call() -> None:
     async def body() -> None:
-        maker = PeerRootMaker()
+        maker = TrioPeerRootMaker()
         async with serving(PBServerFactory(maker)) as server:
             factory = PBClientFactory()
             async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
@@ -452,7 +314,7 @@ def test_a_dropped_connection_fails_the_pending_call() -> None:
 
 def test_a_peer_sending_garbage_is_dropped_and_the_others_go_on() -> None:
     async def body() -> None:
-        async with serving(PBServerFactory(PeerRootMaker())) as server:
+        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
             factory = PBClientFactory()
             async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
                 root = await factory.getRootObject()
@@ -475,7 +337,7 @@ def test_a_peer_that_never_reads_makes_the_server_wait_not_buffer() -> None:
     size, calls = 500_000, 200
 
     async def body() -> None:
-        maker = PeerRootMaker()
+        maker = TrioPeerRootMaker()
         async with serving(PBServerFactory(maker)) as server:
             raw = await trio.open_tcp_stream("127.0.0.1", server.port)
             broker = Broker(is_client=True)
@@ -511,7 +373,7 @@ def test_tls(tmp_path: Path) -> None:
     client_context = ssl.create_default_context(cafile=str(cert))
 
     async def body() -> None:
-        async with serving(PBServerFactory(PeerRootMaker()), ssl_context=server_context) as server:
+        async with serving(PBServerFactory(TrioPeerRootMaker()), ssl_context=server_context) as server:
             factory = PBClientFactory()
             async with pbcore_trio.open_connection(
                 factory, "127.0.0.1", server.port, ssl_context=client_context, server_hostname="localhost"
@@ -536,7 +398,7 @@ def test_unix_sockets(tmp_path: Path) -> None:
     async def body() -> None:
         async with trio.open_nursery() as nursery:
             server: pbcore_trio.Server = await nursery.start(
-                pbcore_trio.serve_unix, PBServerFactory(PeerRootMaker()), path
+                pbcore_trio.serve_unix, PBServerFactory(TrioPeerRootMaker()), path
             )
             factory = PBClientFactory()
             async with pbcore_trio.open_unix_connection(factory, path):
@@ -554,7 +416,7 @@ def test_under_anyio_with_the_trio_backend() -> None:
         with anyio.fail_after(10):
             async with anyio.create_task_group() as group:
                 server: pbcore_trio.Server = await group.start(
-                    pbcore_trio.serve, PBServerFactory(PeerRootMaker()), "127.0.0.1", 0
+                    pbcore_trio.serve, PBServerFactory(TrioPeerRootMaker()), "127.0.0.1", 0
                 )
                 factory = PBClientFactory()
                 async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
@@ -632,7 +494,7 @@ def test_trio_client_logs_in_to_a_twisted_server() -> None:
 def test_twisted_clients_against_the_trio_server() -> None:
     async def body() -> dict[str, dict[str, dict[str, Any]]]:
         results: dict[str, dict[str, dict[str, Any]]] = {}
-        async with serving(PBServerFactory(PeerRootMaker())) as server:
+        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
             for script in ("basic", "refs", "cache"):
                 steps = await trio.to_thread.run_sync(run_twisted_client, server.port, script)
                 results[script] = by_step(steps)

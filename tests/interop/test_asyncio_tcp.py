@@ -1,6 +1,7 @@
 """The asyncio adapter against real Twisted PB peers, over TCP on loopback.
 
-Twisted runs in a subprocess with its own reactor (tests/interop/twisted_peer.py,
+Our servers offer tests/adapters/services.py (the same API as the Twisted
+peer's). Twisted runs in a subprocess with its own reactor (tests/interop/twisted_peer.py,
 driven through tests/interop/peers.py): a Twisted server against our asyncio
 client, and Twisted clients against our asyncio server.
 """
@@ -9,32 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pbcore_asyncio
 import pytest
 
-from pbcore import Cacheable, Copyable, Error, Referenceable, RemoteCache, RemoteCopy, Root, flavors
+from pbcore import Error
 from pbcore.cred import (
-    ANONYMOUS,
-    AllowAnonymousAccess,
     Anonymous,
-    Avatar,
-    InMemoryPasswordChecker,
-    Portal,
     UsernamePassword,
 )
 from pbcore.errors import NoSuchMethod
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure
+from tests.adapters.services import CounterCache, PeerRootMaker, PointCopy, Twice, login_factory
 from tests.interop.peers import run_twisted_client, twisted_server
 
 pytest.importorskip("twisted.spread.pb")
 
 T = TypeVar("T")
-POINT_TAG = b"twisted_peer.TwistedPoint"
-COUNTER_TAG = b"twisted_peer.Counter"
 
 
 def run(test: Callable[[], Awaitable[T]], timeout: float = 60) -> T:
@@ -44,36 +39,10 @@ def run(test: Callable[[], Awaitable[T]], timeout: float = 60) -> T:
     return asyncio.run(bounded())
 
 
-class PointCopy(RemoteCopy):
-    x: int
-    y: int
-
-
-class CounterCache(RemoteCache):
-    value: int
-
-    def observe_value(self, value: int) -> None:
-        self.value = value
-
-
-@pytest.fixture
-def tags() -> Iterator[None]:
-    flavors.setCopierForClass(POINT_TAG, PointCopy)
-    flavors.setCopierForClass(COUNTER_TAG, CounterCache)
-    yield
-    flavors.copyTags.pop(POINT_TAG, None)
-    flavors.copyTags.pop(COUNTER_TAG, None)
-
-
-class Doubler(Referenceable):
-    def remote_twice(self, x: int) -> int:
-        return 2 * x
-
-
 # -- our asyncio client, a Twisted server -------------------------------------------------------
 
 
-def test_asyncio_client_against_a_twisted_server(tags: None) -> None:
+def test_asyncio_client_against_a_twisted_server() -> None:
     with twisted_server() as port:
 
         async def body() -> None:
@@ -108,7 +77,7 @@ def test_asyncio_client_against_a_twisted_server(tags: None) -> None:
             start = counter.value
             await root.callRemote("bump")
             assert counter.value == start + 1  # the update came before the answer
-            assert await root.callRemote("call_back", Doubler(), 21) == 42
+            assert await root.callRemote("call_back", Twice(), 21) == 42
             one_way = root.callRemote("echo", 1, pbanswer=False)
             assert one_way is None
             connection.close()
@@ -143,79 +112,6 @@ def test_asyncio_client_logs_in_to_a_twisted_server() -> None:
 # -- Twisted clients, our asyncio server ---------------------------------------------------------
 
 
-class Thing(Referenceable):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def remote_n(self) -> int:
-        return self.n
-
-
-class Point(Copyable):
-    def __init__(self) -> None:
-        self.x, self.y = 3, 4
-
-    def getTypeToCopy(self) -> bytes:
-        return POINT_TAG
-
-
-class Counter(Cacheable):
-    def __init__(self) -> None:
-        self.value = 0
-        self.observers: list[flavors.RemoteCacheObserver] = []
-
-    def getTypeToCopy(self) -> bytes:
-        return COUNTER_TAG
-
-    def getStateToCacheAndObserveFor(self, perspective: Any, observer: flavors.RemoteCacheObserver) -> Any:
-        self.observers.append(observer)
-        return {"value": self.value}
-
-    def stoppedObserving(self, perspective: Any, observer: flavors.RemoteCacheObserver) -> None:
-        self.observers.remove(observer)
-
-
-class PeerLikeRoot(Root):
-    """The same methods as twisted_peer.py's server root, so its client scripts run against us."""
-
-    def __init__(self, broker: Any = None, counter: Counter | None = None) -> None:
-        self.broker = broker
-        self.counter = counter or Counter()
-
-    def rootObject(self, broker: Any) -> PeerLikeRoot:
-        return PeerLikeRoot(broker, self.counter)
-
-    def remote_echo(self, *args: Any, **kw: Any) -> Any:
-        return [list(args), kw]
-
-    def remote_thing(self, n: int) -> Thing:
-        return Thing(n)
-
-    def remote_fail(self) -> None:
-        raise ValueError("nope")
-
-    def remote_known(self) -> None:
-        raise Error("known")
-
-    def remote_point(self) -> Point:
-        return Point()
-
-    def remote_counter(self) -> Counter:
-        return self.counter
-
-    def remote_bump(self) -> int:
-        self.counter.value += 1
-        for observer in self.counter.observers:
-            observer.callRemote("value", self.counter.value)
-        return self.counter.value
-
-    def remote_refs(self) -> int:
-        return len(self.broker.localObjects)
-
-    async def remote_call_back(self, ref: Any, x: int) -> Any:
-        return await ref.callRemote("twice", x)
-
-
 def steps_of(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {line["step"]: line for line in lines}
 
@@ -231,7 +127,7 @@ async def against_our_server(factory: PBServerFactory, script: str) -> dict[str,
 
 
 def test_twisted_client_basic_script_against_our_server() -> None:
-    steps = run(lambda: against_our_server(PBServerFactory(PeerLikeRoot()), "basic"))
+    steps = run(lambda: against_our_server(PBServerFactory(PeerRootMaker()), "basic"))
     assert steps["echo"]["ok"]
     assert steps["thing"] == {"step": "thing", "ok": True, "value": 5}
     assert steps["fail"]["ok"] is False and steps["fail"]["type"] == "builtins.ValueError"
@@ -241,34 +137,18 @@ def test_twisted_client_basic_script_against_our_server() -> None:
 
 
 def test_twisted_client_refs_and_cache_scripts_against_our_server() -> None:
-    steps = run(lambda: against_our_server(PBServerFactory(PeerLikeRoot()), "refs"))
+    steps = run(lambda: against_our_server(PBServerFactory(PeerRootMaker()), "refs"))
     assert steps["held"]["value"] == steps["before"]["value"] + 1
     assert steps["after"]["value"] == steps["before"]["value"]  # Twisted let go: our table is back
     assert steps["call_back"]["value"] == 42
-    steps = run(lambda: against_our_server(PBServerFactory(PeerLikeRoot()), "cache"))
+    steps = run(lambda: against_our_server(PBServerFactory(PeerRootMaker()), "cache"))
     assert steps["counter"]["value"] == {"value": 0}
     assert steps["cached"]["value"] == steps["bump"]["value"] == 1
     assert steps["cached2"]["value"] == 2
 
 
 def test_twisted_client_logs_in_to_our_server() -> None:
-    class User(Avatar):
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def perspective_hello(self) -> str:
-            return f"hello {self.name}"
-
-        def perspective_echo(self, x: Any) -> Any:
-            return x
-
-    class Realm:
-        def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
-            name = "anonymous" if avatar_id is ANONYMOUS else avatar_id.decode()
-            return interfaces[0], User(name), lambda: None
-
-    portal = Portal(Realm(), [InMemoryPasswordChecker(alice="secret"), AllowAnonymousAccess()])
-    steps = run(lambda: against_our_server(PBServerFactory(portal), "login"))
+    steps = run(lambda: against_our_server(login_factory(), "login"))
     assert steps["hello"]["value"] == "hello alice"
     assert steps["echo"]["value"] == "x"
     assert steps["wrong_password"]["type"] == "twisted.cred.error.UnauthorizedLogin"

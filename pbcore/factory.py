@@ -16,7 +16,7 @@ from typing import Any
 from .banana import DEFAULT_LIMITS, Limits
 from .broker import Broker, Pending
 from .cred import Anonymous, respond
-from .errors import DeadReferenceError, Error
+from .errors import Error, PBConnectionLost
 from .flavors import RemoteReference
 from .jelly import SecurityOptions, globalSecurity
 
@@ -83,7 +83,7 @@ class PBClientFactory:
         if not broker.ready:
             ready: Pending = broker.pending_factory()
             broker.notifyOnConnect(lambda: ready.resolve(None))
-            broker.notifyOnDisconnect(lambda: ready.fail(DeadReferenceError("the connection was lost")))
+            broker.notifyOnDisconnect(lambda: ready.fail(_lost(broker.close_reason)))
             await ready  # type: ignore[misc]
         return broker.root()
 
@@ -110,5 +110,9 @@ class PBClientFactory:
         if self.broker is None:
             raise Error("not connected: an adapter must connect this factory first")
         if self.broker.closed:
-            raise DeadReferenceError("the connection was lost")
+            raise _lost(self.broker.close_reason)
         return self.broker
+
+
+def _lost(reason: BaseException | None) -> PBConnectionLost:
+    return PBConnectionLost(reason) if reason is not None else PBConnectionLost("the connection was lost")

@@ -23,6 +23,7 @@ from pbcore.cred import (
     challenge,
     respond,
 )
+from pbcore.errors import BananaError, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure, Referenceable
 from pbcore.testing import BrokerPair
@@ -167,3 +168,19 @@ def test_a_portal_without_a_checker_for_the_credentials_refuses() -> None:
     with pytest.raises(CopiedFailure) as caught:
         pair.run(factory.login(Anonymous()))
     assert caught.value.check(Unauthorized)
+
+
+@pytest.mark.parametrize("handshake_started", [False, True])
+def test_waiting_for_the_root_fails_with_why_the_connection_was_lost(handshake_started: bool) -> None:
+    factory = PBClientFactory()
+    broker = factory.make_broker()
+    broker.connection_made()
+    waiting = factory.getRootObject()
+    if handshake_started:
+        waiting.send(None)  # now suspended until the handshake completes
+    with pytest.raises(BananaError):
+        broker.receive_data(b"\xff")  # no such type byte
+    with pytest.raises(PBConnectionLost) as lost:
+        waiting.send(None)
+    assert isinstance(lost.value.args[0], BananaError)
+    assert "unknown type byte 0xff" in str(lost.value)

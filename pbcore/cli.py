@@ -1,5 +1,26 @@
 """The ``pbcore`` command.
 
+``pbcore demo`` serves the demo service (:mod:`pbcore.demo`) on an ephemeral
+port of 127.0.0.1, calls it over TCP from two clients in the same process and
+prints a tour: values, a copy, a cache kept up to date, errors, logging in, a
+view and reference counting.
+
+``pbcore serve [--host H] [--port 8787] [--user NAME --password PW]
+[--tick SECONDS]`` serves the demo service until interrupted. Without a user
+its root answers the demo's calls and logins are anonymous; with users, the
+root answers only ``login`` and everything is behind it.
+
+``pbcore call HOST[:PORT] METHOD [ARG...] [--kw NAME=VALUE] [--user NAME
+--password PW | --anonymous] [--timeout SECONDS]`` connects to any PB server
+(Twisted's included), calls METHOD on its root object, or on the avatar after
+logging in, and prints the answer's ``repr``. Each ARG and VALUE is a Python
+literal (``42``, ``2.5``, ``"42"``, ``b'raw'``, ``[1, 2]``, ``None``) or else
+a plain string. An answer holding a copy of a class not loaded here (an
+unknown copy tag) cannot be shown: the call then fails with the tag's name.
+
+These three need an event loop: they run on :mod:`pbcore_asyncio`, which is
+imported only for them, so the core and ``pbcore decode`` load no I/O.
+
 ``pbcore decode [FILE] [--hex] [--dialect pb|none] [--jelly]`` reads a Banana
 byte stream (a capture of one direction of a PB connection, say) from FILE or
 standard input and prints each complete expression on its own line.
@@ -40,14 +61,17 @@ Cacheable's first copy. An expression that does not unjelly (a malformed
 message, a refused form such as ``instance``) is printed raw, followed by
 ``  # not jelly: <why>``; decoding goes on with the next one.
 
-Exit status: 0 when the whole stream decoded; 1 when the stream is malformed
-or ends inside an expression (what decoded before the fault is printed first,
-the error goes to standard error); 2 for usage errors and unreadable input.
+Exit status: 0 when all went well; 1 when the call fails (a remote error, no
+connection, no answer in time), the demo fails, or the decoded stream is
+malformed or ends inside an expression (what decoded before the fault is
+printed first; the error goes to standard error); 2 for usage errors and
+unreadable input.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import sys
@@ -56,10 +80,12 @@ from typing import IO, Any, Final
 
 from . import __version__
 from .banana import DIALECTS, VOCABULARY, Decoder, Sexp
+from .cred import Anonymous, UsernamePassword
+from .demo import DEFAULT_PORT
 from .errors import BananaError, JellyError, ProtocolError
 from .jelly import Unjellier
 
-__all__ = ["Placeholder", "format_jelly", "format_sexp", "main"]
+__all__ = ["Placeholder", "format_jelly", "format_sexp", "main", "parse_address", "parse_value"]
 
 _CHUNK: Final = 64 * 1024
 
@@ -356,13 +382,152 @@ def _run_decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         return 2
 
 
-def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+# ---------------------------------------------------------------------------
+# serve, call, demo: parsing here, running in pbcore_asyncio.cli
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: a Python literal (``42``, ``"42"``, ``b'x'``, ``[1, None]``), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); the port defaults to 8787."""
+    host, port = text, ""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {text!r}: expected [IPV6]:PORT")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host:
+        raise ValueError(f"bad address {text!r}: no host")
+    if not port:
+        return host, DEFAULT_PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad address {text!r}: the port must be a number from 1 to 65535")
+    return host, int(port)
+
+
+def _parse_keyword(text: str) -> tuple[str, Any]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, parse_value(value)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
+
+
+def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if (args.user is None) != (args.password is None):
+        parser.error("--user and --password go together")
+    from pbcore_asyncio.cli import run_serve  # noqa: PLC0415  (loads asyncio only for this command)
+
+    users = {args.user: args.password} if args.user is not None else {}
+    return run_serve(args.host, args.port, users=users, tick=args.tick, out=sys.stdout, err=sys.stderr)
+
+
+def _run_call(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if (args.user is None) != (args.password is None):
+        parser.error("--user and --password go together")
+    if args.anonymous and args.user is not None:
+        parser.error("--anonymous and --user exclude each other")
+    try:
+        host, port = parse_address(args.address)
+    except ValueError as error:
+        parser.error(str(error))
+    from pbcore_asyncio.cli import run_call  # noqa: PLC0415  (loads asyncio only for this command)
+
+    credentials = (
+        Anonymous() if args.anonymous else UsernamePassword(args.user, args.password) if args.user is not None else None
+    )
+    return run_call(
+        host,
+        port,
+        args.method,
+        [parse_value(arg) for arg in args.args],
+        kwargs=dict(args.kw),
+        credentials=credentials,
+        timeout=args.timeout,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
+def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pbcore_asyncio.cli import run_demo  # noqa: PLC0415  (loads asyncio only for this command)
+
+    return run_demo(sys.stdout, sys.stderr)
+
+
+def _add_network_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
+    demo = commands.add_parser(
+        "demo",
+        help="serve the demo service and call it, printing a short tour",
+        description="Serve the demo service on an ephemeral port of 127.0.0.1, call it over TCP and print a tour.",
+    )
+    serve = commands.add_parser(
+        "serve",
+        help="serve the demo service (echo, a copy, a cache, a view behind a login)",
+        description=(
+            "Serve the demo service until interrupted. Its root answers echo(*args), note(text) (a Copyable),"
+            " ticker() (a Cacheable that the server ticks), fail() and login; an avatar adds whoami() and"
+            " board() (a Viewable: post(text), read())."
+        ),
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the port (default: {DEFAULT_PORT}; 0: any)")
+    serve.add_argument("--user", help="require a login as this user (no anonymous login, nothing before login)")
+    serve.add_argument("--password", help="the user's password")
+    serve.add_argument("--tick", type=_positive, default=1.0, help="seconds between ticker updates (default: 1)")
+    call = commands.add_parser(
+        "call",
+        help="call a method on any PB server and print the answer",
+        description=(
+            "Connect to a PB server (Twisted's included), call METHOD on its root object, or on the avatar"
+            " after logging in, and print the answer's repr."
+        ),
+        epilog=(
+            "Each ARG and --kw VALUE is a Python literal (42, 2.5, \"42\", b'raw', [1, 2], None) or else a"
+            " plain string. Exit status: 0 answered; 1 remote error, no connection or no answer in time;"
+            " 2 usage error."
+        ),
+    )
+    call.add_argument("address", metavar="HOST[:PORT]", help=f"the server (the port defaults to {DEFAULT_PORT})")
+    call.add_argument("method", metavar="METHOD", help="the remote method's name, without remote_/perspective_")
+    call.add_argument("args", metavar="ARG", nargs="*", help="positional arguments")
+    call.add_argument(
+        "--kw", metavar="NAME=VALUE", type=_parse_keyword, action="append", default=[], help="a keyword argument"
+    )
+    call.add_argument("--user", help="log in as this user first and call the avatar")
+    call.add_argument("--password", help="the user's password")
+    call.add_argument("--anonymous", action="store_true", help="log in anonymously first and call the avatar")
+    call.add_argument(
+        "--timeout", type=_positive, default=10.0, help="seconds to wait for the connection and answer (default: 10)"
+    )
+    return {"demo": demo, "serve": serve, "call": call}
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="pbcore",
         description="Perspective Broker tools.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subcommands = _add_network_commands(commands)
     decode = commands.add_parser(
         "decode",
         help="print the expressions of a Banana byte stream",
@@ -387,22 +552,30 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         action="store_true",
         help="show PB messages by structure and unjelly their values",
     )
-    return parser, decode
+    subcommands["decode"] = decode
+    return parser, subcommands
+
+
+_RUN: Final[dict[str, Callable[[argparse.Namespace, argparse.ArgumentParser], int]]] = {
+    "decode": _run_decode,
+    "demo": _run_demo,
+    "serve": _run_serve,
+    "call": _run_call,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``pbcore`` command with *argv* (default: ``sys.argv[1:]``); return the exit status."""
-    parser, decode_parser = _parser()
+    parser, subcommands = _parser()
     try:
         args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return _RUN[args.command](args, subcommands[args.command])
     except SystemExit as exit:
         # argparse exits for --help, --version and usage errors; report the status instead.
         return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 2)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return _run_decode(args, decode_parser)
     except BrokenPipeError:
         # The reader went away (`pbcore decode ... | head`): stop quietly, and
         # keep Python from complaining when it flushes stdout at exit.

@@ -32,7 +32,7 @@ import contextlib
 import ssl as ssl_module
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from pbcore.broker import Broker, serve_call
 from pbcore.errors import ProtocolError
@@ -81,8 +81,8 @@ class PBProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports have the Transport methods without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.broker = self._make_broker(pending_factory=self._new_pending, wake_up=self._wake_up)
         self.broker.connection_made()
         self._flush()

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,13 +25,30 @@ from tests.adapters.services import login_factory
 T = TypeVar("T")
 
 
+#: How the tests run a coroutine to completion: asyncio's own loop, or uvloop's.
+_runner: list[Callable[[Coroutine[Any, Any, Any]], Any]] = [asyncio.run]
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def event_loop(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test of this module runs on asyncio's loop, then on uvloop when it is installed."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        _runner.append(uvloop.run)
+    try:
+        yield request.param
+    finally:
+        del _runner[1:]
+
+
 def run(test: Callable[[], Awaitable[T]], timeout: float = 20) -> T:
-    """Run one async test body, bounded in time."""
+    """Run one async test body on the current loop, bounded in time."""
 
     async def bounded() -> T:
         return await asyncio.wait_for(test(), timeout)
 
-    return asyncio.run(bounded())
+    result: T = _runner[-1](bounded())
+    return result
 
 
 class Thing(Referenceable):
@@ -339,18 +356,3 @@ def test_unix_socket(tmp_path: Path) -> None:
         await server.wait_closed()
 
     run(body)
-
-
-def test_uvloop() -> None:
-    uvloop = pytest.importorskip("uvloop")
-
-    async def body() -> None:
-        server, port = await served()
-        factory = PBClientFactory()
-        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
-        root = await factory.getRootObject()
-        assert await root.callRemote("echo", 1) == [[1], {}]
-        connection.close()
-        server.close()
-
-    uvloop.run(body())

@@ -15,10 +15,21 @@
 
 Each connection has one background reader thread: it reads the socket, feeds
 the broker and runs the calls the peer makes on our objects, one after the
-other, in that thread. Writes happen under the connection's lock, from
-whichever thread has something to send. :meth:`BlockingConnection.call`
-blocks the calling thread until the answer arrives (or the timeout expires:
-the call is then cancelled and a late answer dropped).
+other, in that thread. The broker is used, and its output written, under the
+connection's lock, by whichever thread has something to send; the holder sends
+what is queued before it lets go. :meth:`BlockingConnection.call` blocks the
+calling thread until the answer arrives (or the timeout expires: the call is
+then cancelled and a late answer dropped); it waits without holding the lock.
+
+A reference collected by the garbage collector, in any thread, queues a decref
+and wakes its connection up. The wake-up never waits for a lock: it sends at
+once if the lock is free, else it leaves a flag, and the holder (even the same
+thread, inside the broker) sends the decref after what it was sending, then
+looks at the flag once more after releasing the lock. So a collection in a
+thread holding another connection's lock cannot deadlock, and one in the
+thread holding the same connection's lock cannot re-enter the broker or
+reorder its output. A failed write only shuts the socket down (a wake-up
+must not run disconnect callbacks): the reader thread reports the loss.
 
 The blocking adapter runs **synchronous** remote methods. A coroutine method
 is driven only if it finishes without waiting; one that would suspend (on an
@@ -27,11 +38,10 @@ must not make blocking calls over its own connection (the reader thread that
 would deliver the answer is the one running it): that raises RuntimeError.
 
 Known limits: a served method runs holding its connection's lock, so other
-threads using that connection wait while it runs. And in theory, if the
-garbage collector releases references of connection A in a thread holding
-connection B's lock while another thread does the opposite, the two wake-ups
-could deadlock; the fix would be for a wake-up to try the lock without
-blocking and leave a flag for the holder to flush.
+threads using that connection wait while it runs (a decref collected
+meanwhile goes out when it returns). A wake-up that finds the lock free
+writes in the collecting thread, so it may wait (up to the write timeout)
+for a peer that does not read.
 
 All the protocol lives in :mod:`pbcore`; this module only moves bytes, runs
 calls (:func:`pbcore.broker.serve_call`) and wires the broker's wake-up.
@@ -88,9 +98,15 @@ class BlockingConnection:
         self._tls = isinstance(sock, ssl_module.SSLSocket)
         self._tls_handshake = tls_handshake
         self._on_close = on_close
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
-        self._owner: int | None = None  # the thread inside the broker, if any
+        # Not re-entrant, so that a wake-up in the holding thread cannot take it
+        # again; _hold() lets its owner nest.
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread holding the lock, if any
+        self._flagged = False  # a wake-up found the lock busy: output is waiting
+        self._failure: OSError | None = None  # a write failed: the reader reports it
+        # Waiters sleep on their own lock, not the connection's, so that only
+        # _hold() releases the connection's lock (and looks at the flag then).
+        self._changed = threading.Condition()
         self._closed = False
         self._stopping = False
         self._factory = factory
@@ -140,17 +156,14 @@ class BlockingConnection:
 
     def root(self, timeout: float | None = None) -> RemoteReference:
         """The peer's root object, once the handshake is done."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         self._check_thread()
-        with self._changed:
-            while not self.broker.ready:
-                if self._closed or self.broker.closed:
-                    raise PBConnectionLost(self.broker.close_reason)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("the PB handshake did not complete in time")
-                self._changed.wait(remaining)
-            return self.broker.root()
+        self._wait_for(lambda: self.broker.ready or self._closed or self.broker.closed, timeout)
+        with self._hold():
+            if self.broker.ready:
+                return self.broker.root()
+            if self._closed or self.broker.closed:
+                raise PBConnectionLost(self.broker.close_reason)
+        raise TimeoutError("the PB handshake did not complete in time")
 
     def login(self, credentials: Any, mind: Any = None, timeout: float | None = None) -> RemoteReference:
         """Log in through the server's portal (the client factory's login); the avatar."""
@@ -189,19 +202,35 @@ class BlockingConnection:
 
     @contextmanager
     def _hold(self) -> Iterator[None]:
-        # Hold the lock while using the broker; the outermost holder flushes on the way out.
-        with self._lock:
-            me = threading.get_ident()
-            outer = self._owner != me
-            self._owner = me
+        """Hold the lock while using the broker (nests in its thread); send on the way out."""
+        me = threading.get_ident()
+        if self._owner == me:
+            yield
+            return
+        self._lock.acquire()
+        self._owner = me
+        try:
+            yield
+        finally:
             try:
-                yield
+                self._flush_locked()
             finally:
-                if outer:
-                    self._owner = None
-                    self._flush_locked()
+                self._owner = None
+                self._lock.release()
+            self._flush_flagged()  # a wake-up may have come after our flush
+
+    def _flush_flagged(self) -> None:
+        # Never waits: a busy lock's holder looks at the flag after releasing it.
+        while self._flagged and self._lock.acquire(blocking=False):
+            self._owner = threading.get_ident()
+            try:
+                self._flush_locked()
+            finally:
+                self._owner = None
+                self._lock.release()
 
     def _flush_locked(self) -> None:
+        self._flagged = False  # before taking the output: a later wake-up flags again
         if self._closed:
             return
         data = self.broker.data_to_send()
@@ -210,18 +239,32 @@ class BlockingConnection:
         try:
             self._sock.sendall(data)
         except OSError as error:
+            # Only stop here (this may be a finalizer): the reader reports the loss.
+            if self._failure is None:
+                self._failure = error
             self._stopping = True
             with suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            self._lost(error)
 
     def _wake_up(self) -> None:
-        # Safe from any thread (a finalizer's decref). Inside the broker, the
-        # holder flushes when it leaves; otherwise flush now.
-        if self._owner == threading.get_ident():
-            return
-        with self._hold():
-            pass
+        # The broker's hook, called from any thread, in any state (a finalizer's
+        # decref): flag the output, and send it now only if the lock is free.
+        self._flagged = True
+        self._flush_flagged()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait_for(self, condition: Callable[[], bool], timeout: float | None) -> None:
+        """Wait, not holding the connection's lock, until *condition* holds or the timeout."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        with self._changed:
+            while not condition():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._changed.wait(remaining)
 
     def _check_thread(self) -> None:
         if threading.current_thread() is self._reader:
@@ -229,17 +272,15 @@ class BlockingConnection:
 
     def _wait(self, pending: PendingCall, timeout: float | None) -> None:
         self._check_thread()
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        with self._changed:
-            while not pending.done:
-                if self._closed:
-                    pending.fail(PBConnectionLost(self.broker.close_reason))
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.broker.cancel(pending)
-                    raise TimeoutError("the PB call was not answered in time")
-                self._changed.wait(remaining)
+        self._wait_for(lambda: pending.done or self._closed, timeout)
+        with self._hold():
+            if pending.done:
+                return
+            if self._closed:
+                pending.fail(PBConnectionLost(self.broker.close_reason))
+                return
+            self.broker.cancel(pending)
+        raise TimeoutError("the PB call was not answered in time")
 
     def _read_loop(self) -> None:
         reason: BaseException | None = None
@@ -263,13 +304,13 @@ class BlockingConnection:
                         self._run_events()
                         break
                     self._run_events()
-                    self._changed.notify_all()
+                    self._notify()
         except OSError as error:
             reason = error
         finally:
             with suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            self._lost(reason)
+            self._lost(self._failure if self._failure is not None else reason)
 
     def _receive(self) -> bytes | None:
         """Bytes read, b"" at end of file, None if nothing yet (timeout)."""
@@ -285,7 +326,7 @@ class BlockingConnection:
             readable, _, _ = select.select([self._sock], [], [], POLL_INTERVAL)
             if not readable:
                 return None
-        with self._lock:
+        with self._hold():
             try:
                 return self._sock.recv(_READ_SIZE)
             except (TimeoutError, ssl_module.SSLWantReadError):
@@ -318,7 +359,7 @@ class BlockingConnection:
             self.broker.connection_lost(reason)
             self._run_events()
             self._closed = True
-            self._changed.notify_all()
+            self._notify()
         if first:
             with suppress(OSError):
                 self._sock.close()

@@ -418,9 +418,9 @@ class Broker:
         if len(expression) != 2 or type(expression[1]) not in (int, bytes):
             raise JellyError(f"a local reference is [local, luid], got {expression!r:.60}")
         local = self.localObjects.get(expression[1])
-        if local is None:
-            raise JellyError(f"the peer sent back a reference to unknown object {expression[1]!r:.40}")
-        return local.object
+        # Unknown is None, as for Twisted: a Twisted peer that returns a
+        # reference it was given decrefs it before the answer that sends it back.
+        return None if local is None else local.object
 
     unserializingPerspective: Any = None
 

@@ -29,7 +29,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import Error, NoSuchMethod
+from .errors import NoSuchMethod
 from .flavors import AsReferenceable, Jellyable, Referenceable, RemoteReference, set_wire_name
 
 __all__ = [
@@ -42,23 +42,42 @@ __all__ = [
     "IRealm",
     "IUsernameMD5Password",
     "InMemoryPasswordChecker",
+    "LoginFailed",
     "Portal",
     "Unauthorized",
+    "UnhandledCredentials",
     "UsernamePassword",
     "challenge",
     "respond",
 ]
 
 
-class Unauthorized(Error):
-    """The login failed. It never says whether the user or the password was wrong."""
+class LoginFailed(Exception):
+    """A login did not succeed (it crosses as Twisted's ``twisted.cred.error.LoginFailed``)."""
+
+
+class _Refusal(Exception):
+    """Stands for Twisted's ``twisted.cred.error.Unauthorized`` among a refusal's parents."""
+
+
+class Unauthorized(LoginFailed, _Refusal):
+    """The credentials were refused. It never says whether the user or the password was wrong."""
 
     def __init__(self, message: str = "Unauthorized login") -> None:
         super().__init__(message)
 
 
-# Twisted's clients trap twisted.cred.error.UnauthorizedLogin.
+class UnhandledCredentials(LoginFailed):
+    """No checker of the portal takes this kind of credentials."""
+
+
+# On the wire these are Twisted's classes, with Twisted's parents, so that a
+# Twisted client's trap(UnauthorizedLogin), trap(LoginFailed) or
+# trap(error.Unauthorized) matches a refusal from either side.
+set_wire_name(LoginFailed, "twisted.cred.error.LoginFailed")
+set_wire_name(_Refusal, "twisted.cred.error.Unauthorized")
 set_wire_name(Unauthorized, "twisted.cred.error.UnauthorizedLogin")
+set_wire_name(UnhandledCredentials, "twisted.cred.error.UnhandledCredentials")
 
 
 def challenge() -> bytes:
@@ -206,7 +225,7 @@ class Portal:
                 result = await _settled(self.realm.requestAvatar(avatar_id, mind, *interfaces))
                 interface, avatar, logout = result
                 return interface, avatar, logout
-        raise Unauthorized(f"no checker for {type(credentials).__name__} credentials")
+        raise UnhandledCredentials(f"no checker for {type(credentials).__name__} credentials")
 
     def rootObject(self, broker: Any) -> _PortalWrapper:
         """A portal can be a server's root: each connection gets a login root."""

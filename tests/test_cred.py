@@ -17,13 +17,14 @@ from pbcore.cred import (
     Avatar,
     InMemoryPasswordChecker,
     IPerspective,
+    LoginFailed,
     Portal,
     Unauthorized,
     UsernamePassword,
     challenge,
     respond,
 )
-from pbcore.errors import BananaError, PBConnectionLost
+from pbcore.errors import BananaError, Error, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure, Referenceable
 from pbcore.testing import BrokerPair
@@ -167,7 +168,25 @@ def test_a_portal_without_a_checker_for_the_credentials_refuses() -> None:
     pair, factory = connect(Portal(Realm(), [InMemoryPasswordChecker(alice="secret")]))
     with pytest.raises(CopiedFailure) as caught:
         pair.run(factory.login(Anonymous()))
-    assert caught.value.check(Unauthorized)
+    # As Twisted's portal: UnhandledCredentials, a LoginFailed but not an Unauthorized.
+    assert caught.value.type == "twisted.cred.error.UnhandledCredentials"
+    assert caught.value.check(LoginFailed) is LoginFailed
+    assert caught.value.check(Unauthorized) is None
+
+
+def test_a_refusal_has_twisteds_class_names_and_parents() -> None:
+    pair, factory = connect(portal_for(Realm()))
+    with pytest.raises(CopiedFailure) as caught:
+        pair.run(factory.login(UsernamePassword("alice", "wrong")))
+    assert caught.value.parents == [
+        "twisted.cred.error.UnauthorizedLogin",
+        "twisted.cred.error.LoginFailed",
+        "twisted.cred.error.Unauthorized",
+        "builtins.Exception",
+        "builtins.BaseException",
+        "builtins.object",
+    ]
+    assert caught.value.check(Error) is None  # not a pb.Error, as in Twisted
 
 
 @pytest.mark.parametrize("handshake_started", [False, True])

@@ -1,7 +1,9 @@
 """What the adapters' test servers offer: the same API as the server of
-tests/interop/twisted_peer.py (so Twisted's client scripts run against ours),
-and a login portal (alice/secret, or anonymous). Shared by the asyncio, trio
-and blocking adapter tests; each may add methods of its own framework.
+tests/interop/twisted_peer.py (so Twisted's client scripts run against ours,
+and our clients' scenarios against Twisted's server), and a login portal
+(alice/secret, or anonymous) whose avatars offer a Viewable. Shared by the
+asyncio, trio and blocking adapter tests and tests/interop/test_tcp_matrix.py;
+each may add methods of its own framework.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from pbcore.cred import ANONYMOUS, AllowAnonymousAccess, Avatar, InMemoryPasswor
 from pbcore.errors import Error
 from pbcore.factory import PBServerFactory
 from pbcore.flavors import RemoteReference
+
+
+class Refused(Error):
+    """An expected error of the application's own (twisted_peer's ``Refused`` is its twin)."""
 
 
 class Thing(Referenceable):
@@ -88,6 +94,7 @@ class PeerRoot(Root):
     def __init__(self, broker: Broker, shared: Shared) -> None:
         self.broker = broker
         self.shared = shared
+        self.kept: Any = None
 
     def remote_echo(self, *args: Any, **kw: Any) -> list[Any]:
         return [list(args), kw]
@@ -101,14 +108,33 @@ class PeerRoot(Root):
     def remote_known(self) -> None:
         raise Error("known")
 
+    def remote_refused(self) -> None:
+        raise Refused("refused")
+
     def remote_point(self) -> Point:
         return Point(3, 4)
+
+    def remote_accept_point(self, point: Any) -> dict[str, Any]:
+        return {"class": type(point).__name__, "x": point.x, "y": point.y}
 
     def remote_counter(self) -> Counter:
         return self.shared.counter
 
     def remote_bump(self) -> int:
         return self.shared.counter.bump()
+
+    def remote_observers(self) -> int:
+        return len(self.shared.counter.observers)
+
+    def remote_keep_cache(self, cache: Any) -> Any:
+        self.kept = cache
+        return cache.value
+
+    def remote_kept_value(self) -> Any:
+        return self.kept.value
+
+    def remote_drop_cache(self) -> None:
+        self.kept = None
 
     def remote_refs(self) -> int:
         return len(self.broker.localObjects)

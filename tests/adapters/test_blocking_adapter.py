@@ -1,4 +1,5 @@
-"""The blocking adapter (plain sockets and threads) over loopback, and against Twisted."""
+"""The blocking adapter (plain sockets and threads) over loopback (against real Twisted
+peers: tests/interop/test_tcp_matrix.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure, RemoteReference
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import login_factory
-from tests.interop.peers import twisted_server
 
 TIMEOUT = 5.0
 
@@ -220,32 +220,3 @@ def test_server_close_is_bounded(server: pbcore_blocking.BlockingServer) -> None
     assert wait_until(lambda: all(connection.closed for connection in connections))
     for connection in connections:
         connection.close()
-
-
-def test_against_twisted_server() -> None:
-    with twisted_server() as port, connect(port) as connection:
-        root = connection.root()
-        assert connection.call(root, "echo", 1, "a", k=2) == [[1, "a"], {"k": 2}]
-        thing = connection.call(root, "thing", 5)
-        assert connection.call(thing, "n") == 5
-        with pytest.raises(CopiedFailure) as caught:
-            connection.call(root, "fail")
-        assert caught.value.check(ValueError)
-        # Twisted calls back a Referenceable of ours (run in our reader thread).
-        assert connection.call(root, "call_back", Twice(), 21) == 42
-        del thing
-        gc.collect()
-        assert wait_until(lambda: connection.call(root, "refs") == 1)
-
-
-def test_login_against_twisted_server() -> None:
-    with twisted_server(login=True) as port:
-        with connect(port) as connection:
-            avatar = connection.login(UsernamePassword("alice", "secret"))
-            assert connection.call(avatar, "hello") == "hello alice"
-        with connect(port) as connection:
-            avatar = connection.login(Anonymous())
-            assert connection.call(avatar, "echo", [1, 2]) == [1, 2]
-        with connect(port) as connection, pytest.raises(CopiedFailure) as caught:
-            connection.login(UsernamePassword("alice", "wrong"))
-        assert caught.value.type == "twisted.cred.error.UnauthorizedLogin"

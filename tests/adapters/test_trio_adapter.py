@@ -1,5 +1,5 @@
 """The trio adapter over real sockets on loopback (TCP, TLS, unix), under trio and
-anyio, against itself and against real Twisted peers in subprocesses."""
+anyio, against itself (against real Twisted peers: tests/interop/test_tcp_matrix.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from tests.adapters.services import (
     Twice,
     login_factory,
 )
-from tests.interop.peers import by_step, run_twisted_client, twisted_server
 
 T = TypeVar("T")
 
@@ -429,91 +428,3 @@ def test_under_anyio_with_the_trio_backend() -> None:
                 server.close()
 
     anyio.run(body, backend="trio")
-
-
-# -- against Twisted, over real TCP ---------------------------------------------------------------
-
-
-def test_trio_client_against_a_twisted_server() -> None:
-    async def body(port: int) -> None:
-        factory = PBClientFactory()
-        async with pbcore_trio.open_connection(factory, "127.0.0.1", port):
-            root = await factory.getRootObject()
-            assert await root.callRemote("echo", 1, "two", b"three", key="value") == [
-                [1, "two", b"three"],
-                {"key": "value"},
-            ]
-            before = await root.callRemote("refs")
-            thing = await root.callRemote("thing", 5)
-            assert await thing.callRemote("n") == 5
-            assert await root.callRemote("refs") == before + 1
-            del thing
-            gc.collect()
-            assert await root.callRemote("refs") == before  # the decref went out first
-            with pytest.raises(CopiedFailure) as failed:
-                await root.callRemote("fail")
-            assert (failed.value.type, failed.value.value) == ("builtins.ValueError", "nope")
-            with pytest.raises(CopiedFailure) as failed:
-                await root.callRemote("known")
-            assert failed.value.check(Error) is Error
-            with pytest.raises(CopiedFailure) as failed:
-                await root.callRemote("no_such_method")
-            assert failed.value.check(NoSuchMethod) is NoSuchMethod
-            point = await root.callRemote("point")
-            assert isinstance(point, PointCopy) and (point.x, point.y) == (3, 4)
-            cache = await root.callRemote("counter")
-            assert isinstance(cache, CounterCache) and cache.value == 0
-            assert await root.callRemote("bump") == 1 and cache.value == 1
-            assert await root.callRemote("call_back", Twice(), 21) == 42
-            with trio.move_on_after(0.01):
-                await root.callRemote("echo", "cancelled at once")
-            assert waiting(factory) == {}
-            assert await root.callRemote("echo", "after") == [["after"], {}]
-
-    with twisted_server() as port:
-        run(lambda: body(port))
-
-
-def test_trio_client_logs_in_to_a_twisted_server() -> None:
-    async def body(port: int) -> None:
-        factory = PBClientFactory()
-        async with pbcore_trio.open_connection(factory, "127.0.0.1", port):
-            alice = await factory.login(UsernamePassword("alice", "secret"))
-            assert await alice.callRemote("hello") == "hello alice"
-            assert await alice.callRemote("echo", [1, "x"]) == [1, "x"]
-            with pytest.raises(CopiedFailure) as failed:
-                await factory.login(UsernamePassword("alice", "wrong"))
-            assert failed.value.check(Unauthorized) is Unauthorized
-            anonymous = await factory.login(Anonymous())
-            assert await anonymous.callRemote("hello") == "hello anonymous"
-
-    with twisted_server(login=True) as port:
-        run(lambda: body(port))
-
-
-def test_twisted_clients_against_the_trio_server() -> None:
-    async def body() -> dict[str, dict[str, dict[str, Any]]]:
-        results: dict[str, dict[str, dict[str, Any]]] = {}
-        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
-            for script in ("basic", "refs", "cache"):
-                steps = await trio.to_thread.run_sync(run_twisted_client, server.port, script)
-                results[script] = by_step(steps)
-        async with serving(login_factory()) as server:
-            steps = await trio.to_thread.run_sync(run_twisted_client, server.port, "login")
-            results["login"] = by_step(steps)
-        return results
-
-    results = run(body, timeout=60)
-    value = {script: {name: step.get("value") for name, step in steps.items()} for script, steps in results.items()}
-    kind = {script: {name: step.get("type") for name, step in steps.items()} for script, steps in results.items()}
-    assert value["basic"]["echo"] == [[1, "two", {"bytes": "three"}, 4.5, None, [1, 2]], {"key": "value"}]
-    assert value["basic"]["thing"] == 5
-    assert kind["basic"]["fail"] == "builtins.ValueError" and results["basic"]["fail"]["message"] == "nope"
-    assert kind["basic"]["known"] == "twisted.spread.pb.Error" and results["basic"]["known"]["message"] == "known"
-    assert kind["basic"]["missing"] == "twisted.spread.flavors.NoSuchMethod"
-    assert value["basic"]["point"] == {"class": "TwistedPointCopy", "x": 3, "y": 4}
-    assert value["refs"] == {"before": 1, "thing": 5, "held": 2, "after": 1, "call_back": 42, "after_call_back": 1}
-    assert value["cache"] == {"counter": {"value": 0}, "bump": 1, "cached": 1, "bump2": 2, "cached2": 2}
-    assert value["login"]["hello"] == "hello alice" and value["login"]["echo"] == "x"
-    assert kind["login"]["wrong_password"] == "twisted.cred.error.UnauthorizedLogin"
-    assert value["login"]["anonymous"] == "hello anonymous"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pbcore import copyTags
 from pbcore.cli import main
 
 from .peers import twisted_server
@@ -15,7 +16,9 @@ def call(capsys: pytest.CaptureFixture[str], port: int, *argv: str) -> tuple[int
     return status, captured.out, captured.err
 
 
-def test_calls_on_a_twisted_root(capsys: pytest.CaptureFixture[str]) -> None:
+def test_calls_on_a_twisted_root(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Other test modules register the peer's copy tag; this test wants it unknown.
+    monkeypatch.delitem(copyTags, b"twisted_peer.TwistedPoint", raising=False)
     with twisted_server() as port:
         # Twisted's echo answers [list(args), kwargs].
         assert call(capsys, port, "echo", "1", "two", "b'three'", "4.5", "None", "--kw", "key=[1]") == (

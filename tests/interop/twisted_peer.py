@@ -11,24 +11,40 @@ listens on 127.0.0.1 (port 0 picks a free one), prints ``PORT <n>`` on stdout on
 listening, and serves until its stdin is closed or ``--timeout`` seconds have passed.
 Without ``--login`` the root object (one per connection) answers:
 
-=====================  ==========================================================
-``echo(*a, **kw)``     ``[list(a), kw]``
-``thing(n)``           a Referenceable whose ``n()`` answers ``n``
-``fail()``             raises ``ValueError("nope")`` (an unexpected error)
-``known()``            raises ``pb.Error("known")`` (an expected error)
-``point()``            a Copyable, copy tag ``twisted_peer.TwistedPoint``, x=3, y=4
-``counter()``          a Cacheable, copy tag ``twisted_peer.Counter``, state
-                       ``{"value": v}``; observers get ``callRemote("value", v)``
-``bump()``             increments the counter, notifies observers, answers the value
-``refs()``             how many objects this connection's broker holds for the peer
-                       (``len(broker.localObjects)``, the root included)
-``call_back(ref, x)``  ``ref.callRemote("twice", x)``
-=====================  ==========================================================
+==========================  ======================================================
+``echo(*a, **kw)``          ``[list(a), kw]``
+``big(size)``               ``b"x" * size``
+``thing(n)``                a Referenceable whose ``n()`` answers ``n``
+``fail()``                  raises ``ValueError("nope")`` (an unexpected error)
+``known()``                 raises ``pb.Error("known")`` (an expected error)
+``refused()``               raises ``Refused("refused")``, a ``pb.Error`` subclass
+                            named ``twisted_peer.Refused``
+``point()``                 a Copyable, copy tag ``twisted_peer.TwistedPoint``, x=3, y=4
+``accept_point(p)``         ``{"class": C, "x": p.x, "y": p.y}`` where ``C`` is the
+                            class name of the copy received (``TwistedPointCopy`` for
+                            the tag ``twisted_peer.TwistedPoint``)
+``counter()``               a Cacheable, copy tag ``twisted_peer.Counter``, state
+                            ``{"value": v}``; observers get ``callRemote("value", v)``
+``bump()``                  increments the counter, notifies observers, answers the value
+``observers()``             how many caches of the counter are observed
+``keep_cache(c)``           keeps ``c`` (a cache of the peer's ``twisted_peer.Counter``),
+                            answers its value
+``kept_value()``            the kept cache's value now (as the peer's updates left it)
+``drop_cache()``            lets go of the kept cache (the peer then stops observing)
+``note(x)``                 appends ``x`` to this connection's notes, answers None
+                            (for one-way calls)
+``notes()``                 the notes so far, in order
+``refs()``                  how many objects this connection's broker holds for the peer
+                            (``len(broker.localObjects)``, the root included)
+``call_back(ref, x)``       ``ref.callRemote("twice", x)``
+==========================  ======================================================
 
 With ``--login`` the root is a Portal's login root instead: checkers are an
 in-memory database (``alice`` / ``secret``) and anonymous access; the avatar answers
 ``perspective_hello()`` -> ``"hello <name>"`` (``anonymous`` for the anonymous
-login) and ``perspective_echo(x)`` -> ``x``.
+login), ``perspective_echo(x)`` -> ``x`` and ``perspective_board()`` -> a Viewable
+whose ``view_whoami(perspective)`` answers the name of the perspective it was reached
+through.
 
 Client mode::
 
@@ -38,36 +54,55 @@ connects with ``pb.PBClientFactory`` to a server offering the root above (or the
 login root, for the ``login`` script), runs the script and prints one JSON object
 per line per step, then exits 0.  A step that worked prints
 ``{"step": S, "ok": true, "value": V}``; one that failed prints
-``{"step": S, "ok": false, "type": T, "message": M}`` where ``T`` is the failure's
-type as a string (for a remote error, the qualified name of the remote exception
-class, e.g. ``"builtins.ValueError"``).  Values are made JSON-friendly: tuples become
-lists, bytes become ``{"bytes": "<latin-1 text>"}``, dict keys become strings, a
-RemoteReference becomes ``"<reference>"`` and anything else its ``repr``.  If the
-connection fails or the whole run exceeds ``--timeout``, a ``{"step": "fatal", ...}``
-line is printed and the exit status is 1.
+``{"step": S, "ok": false, "type": T, "message": M, "parents": P}`` where ``T`` is
+the failure's type as a string (for a remote error, the qualified name of the remote
+exception class, e.g. ``"builtins.ValueError"``) and ``P`` the qualified names of
+that class and its bases, which ``Failure.check`` matches.  Values are made
+JSON-friendly: tuples become lists, bytes become ``{"bytes": "<latin-1 text>"}``,
+dict keys become strings, a RemoteReference becomes ``"<reference>"`` and anything
+else its ``repr``.  If the connection fails or the whole run exceeds ``--timeout``, a
+``{"step": "fatal", ...}`` line is printed and the exit status is 1.
 
 Scripts (the step names are the JSON ``step`` values):
 
 ``basic``
-    ``echo`` (``echo(1, "two", b"three", 4.5, None, [1, 2], key="value")``),
-    ``thing`` (``thing(5)`` then ``n()`` on the reference: value 5), ``fail``,
-    ``known``, ``missing`` (a method the root does not have), ``point``
-    (``{"class": "TwistedPointCopy", "x": 3, "y": 4}``).
+    ``echo`` (``echo(1, "two", b"three", 4.5, None, [1, 2], key="value")``), ``big``
+    (the length of ``big(300000)``), ``thing`` (``thing(5)`` then ``n()`` on the
+    reference: value 5), ``point`` (``{"class": "TwistedPointCopy", "x": 3, "y": 4}``),
+    ``accept_point`` (``accept_point(TwistedPoint(1, 2))``: the server's answer),
+    ``call_back`` (``call_back(ref, 21)`` with a local Referenceable whose
+    ``twice(x)`` is ``2 * x``: 42), ``note`` (20 one-way calls ``note(0)`` ...
+    ``note(19)`` with ``pbanswer=False``: value true if each returned None) and
+    ``notes`` (``notes()`` after them: ``[0, ..., 19]`` on a fresh server).
+``errors``
+    ``fail`` (type ``builtins.ValueError``), ``known`` (``twisted.spread.pb.Error``),
+    ``refused`` (the server's ``pb.Error`` subclass), ``missing`` (a method the root
+    does not have: ``twisted.spread.flavors.NoSuchMethod``), ``bad_args``
+    (``thing(1, 2)``: ``builtins.TypeError``), ``alive`` (``echo("alive")`` after them).
 ``refs``
     ``before`` (``refs()``), ``thing`` (``thing(5).n()``), ``held`` (``refs()`` while
     the reference is alive: before + 1), ``after`` (``refs()`` once the reference is
     dropped and garbage collected: equal to before again), ``call_back``
-    (``call_back(ref, 21)`` with a local Referenceable whose ``twice(x)`` is
-    ``2 * x``: 42), ``after_call_back`` (``refs()`` again).
+    (``call_back(ref, 21)`` as in ``basic``: 42), ``after_call_back`` (``refs()`` again).
 ``cache``
     ``counter`` (the cached state, ``{"value": 0}`` on a fresh server), ``bump``
     (the answer), ``cached`` (the local cache's value after the bump's answer: the
-    update arrives before the answer), ``bump2`` and ``cached2`` likewise.
+    update arrives before the answer), ``bump2`` and ``cached2`` likewise,
+    ``observed`` (``observers()`` while the cache is held: 1), ``released``
+    (``observers()`` once the cache is dropped and garbage collected: 0); then a
+    Cacheable of the client's own (a ``twisted_peer.Counter`` at 0) goes the other
+    way: ``keep_cache`` (``keep_cache(counter)``: 0), ``observing`` (how many caches
+    of it the client observes: 1), ``kept`` (``kept_value()`` after a local bump: 1),
+    ``kept2`` (after another: 2), ``drop_cache``, and ``stopped`` (how many it
+    observes once the server let go, polled with ``echo`` calls: 0).
 ``login``
-    ``hello`` (login as alice/secret then ``hello()``: ``"hello alice"``), ``echo``
-    (``echo("x")`` on the avatar), ``wrong_password`` (the failure, type
-    ``twisted.cred.error.UnauthorizedLogin``), ``anonymous`` (anonymous login then
-    ``hello()``: ``"hello anonymous"``).
+    ``login`` (as alice/secret), ``hello`` (``hello()``: ``"hello alice"``), ``echo``
+    (``echo("x")`` on the avatar), ``board`` (``board()``: a reference), ``whoami``
+    (``whoami()`` on the board: ``"alice"``), ``wrong_password`` (the failure, type
+    ``twisted.cred.error.UnauthorizedLogin``), ``unknown_user`` (login as ``mallory``:
+    the same failure), ``anonymous_login``, ``anonymous`` (``hello()`` on the
+    anonymous avatar: ``"hello anonymous"``) and ``anonymous_whoami`` (its board's
+    ``whoami()``: ``"anonymous"``).
 
 Every wait is bounded (each call by ``STEP_TIMEOUT``, the run by ``--timeout``), so the
 process always exits.
@@ -96,6 +131,8 @@ implementer: Any = importlib.import_module("zope.interface").implementer
 THE_REACTOR: Any = importlib.import_module("twisted.internet.reactor")
 
 STEP_TIMEOUT = 10.0
+#: How many round trips a script waits for the peer to let go of something.
+POLL_ROUNDS = 100
 
 # -- server side ------------------------------------------------------------------------
 
@@ -106,6 +143,14 @@ class Thing(pb.Referenceable):  # type: ignore[misc]
 
     def remote_n(self) -> Any:
         return self.n
+
+
+class Refused(pb.Error):  # type: ignore[misc]
+    """An expected error of the application's own: a ``pb.Error`` subclass."""
+
+
+# Its peers see it as ``twisted_peer.Refused``, whether this file runs as a script or not.
+Refused.__module__ = "twisted_peer"
 
 
 class TwistedPoint(pb.Copyable):  # type: ignore[misc]
@@ -146,9 +191,14 @@ class PeerRoot(pb.Root):  # type: ignore[misc]
     def __init__(self, broker: Any) -> None:
         self.broker = broker
         self.counter = Counter()
+        self.kept: Any = None
+        self.notes: list[Any] = []
 
     def remote_echo(self, *args: Any, **kw: Any) -> list[Any]:
         return [list(args), kw]
+
+    def remote_big(self, size: int) -> bytes:
+        return b"x" * size
 
     def remote_thing(self, n: Any) -> Thing:
         return Thing(n)
@@ -159,14 +209,39 @@ class PeerRoot(pb.Root):  # type: ignore[misc]
     def remote_known(self) -> None:
         raise pb.Error("known")
 
+    def remote_refused(self) -> None:
+        raise Refused("refused")
+
     def remote_point(self) -> TwistedPoint:
         return TwistedPoint(3, 4)
+
+    def remote_accept_point(self, point: Any) -> dict[str, Any]:
+        return {"class": type(point).__name__, "x": point.x, "y": point.y}
 
     def remote_counter(self) -> Counter:
         return self.counter
 
     def remote_bump(self) -> int:
         return self.counter.bump()
+
+    def remote_observers(self) -> int:
+        return len(self.counter.observers)
+
+    def remote_keep_cache(self, cache: Any) -> Any:
+        self.kept = cache
+        return cache.value
+
+    def remote_kept_value(self) -> Any:
+        return self.kept.value
+
+    def remote_drop_cache(self) -> None:
+        self.kept = None
+
+    def remote_note(self, value: Any) -> None:
+        self.notes.append(value)
+
+    def remote_notes(self) -> list[Any]:
+        return self.notes
 
     def remote_refs(self) -> int:
         return len(self.broker.localObjects)
@@ -180,7 +255,14 @@ class RootPerConnection(pb.Root):  # type: ignore[misc]
         return PeerRoot(broker)
 
 
+class Board(pb.Viewable):  # type: ignore[misc]
+    def view_whoami(self, perspective: User) -> str:
+        return perspective.name
+
+
 class User(pb.Avatar):  # type: ignore[misc]
+    board = Board()
+
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -189,6 +271,9 @@ class User(pb.Avatar):  # type: ignore[misc]
 
     def perspective_echo(self, x: Any) -> Any:
         return x
+
+    def perspective_board(self) -> Board:
+        return self.board
 
 
 @implementer(portal.IRealm)
@@ -317,7 +402,8 @@ def step(name: str, make: Callable[[], Any], show: Callable[[Any], Any] = plain)
         return value
 
     def failed(reason: Any) -> None:
-        report(name, False, type=failure_type(reason), message=reason.getErrorMessage())
+        parents = [plain_key(parent) for parent in getattr(reason, "parents", [])]
+        report(name, False, type=failure_type(reason), message=reason.getErrorMessage(), parents=parents)
 
     result = defer.maybeDeferred(make)
     result.addTimeout(STEP_TIMEOUT, THE_REACTOR)
@@ -332,15 +418,39 @@ def settle() -> StepGen:
 
 
 @inline_callbacks
+def until_round_trip(root: Any, condition: Callable[[], bool]) -> StepGen:
+    """Call ``echo`` until *condition* holds (at most ``POLL_ROUNDS`` round trips)."""
+    for _ in range(POLL_ROUNDS):
+        if condition():
+            return
+        gc.collect()
+        yield root.callRemote("echo").addTimeout(STEP_TIMEOUT, THE_REACTOR)
+
+
+@inline_callbacks
 def script_basic(factory: Any) -> StepGen:
     root = yield factory.getRootObject().addTimeout(STEP_TIMEOUT, THE_REACTOR)
     yield step("echo", lambda: root.callRemote("echo", 1, "two", b"three", 4.5, None, [1, 2], key="value"))
+    yield step("big", lambda: root.callRemote("big", 300_000), len)
     thing = yield root.callRemote("thing", 5).addTimeout(STEP_TIMEOUT, THE_REACTOR)
     yield step("thing", lambda: thing.callRemote("n"))
+    yield step("point", lambda: root.callRemote("point"))
+    yield step("accept_point", lambda: root.callRemote("accept_point", TwistedPoint(1, 2)))
+    yield step("call_back", lambda: root.callRemote("call_back", Twice(), 21))
+    returned = [root.callRemote("note", n, pbanswer=False) for n in range(20)]
+    report("note", True, value=all(result is None for result in returned))
+    yield step("notes", lambda: root.callRemote("notes"))
+
+
+@inline_callbacks
+def script_errors(factory: Any) -> StepGen:
+    root = yield factory.getRootObject().addTimeout(STEP_TIMEOUT, THE_REACTOR)
     yield step("fail", lambda: root.callRemote("fail"))
     yield step("known", lambda: root.callRemote("known"))
+    yield step("refused", lambda: root.callRemote("refused"))
     yield step("missing", lambda: root.callRemote("no_such_method"))
-    yield step("point", lambda: root.callRemote("point"))
+    yield step("bad_args", lambda: root.callRemote("thing", 1, 2))
+    yield step("alive", lambda: root.callRemote("echo", "alive"))
 
 
 @inline_callbacks
@@ -366,6 +476,21 @@ def script_cache(factory: Any) -> StepGen:
     report("cached", cache is not None, value=getattr(cache, "value", None))
     yield step("bump2", lambda: root.callRemote("bump"))
     report("cached2", cache is not None, value=getattr(cache, "value", None))
+    yield step("observed", lambda: root.callRemote("observers"))
+    del cache
+    yield settle()
+    yield step("released", lambda: root.callRemote("observers"))
+
+    mine = Counter()
+    yield step("keep_cache", lambda: root.callRemote("keep_cache", mine))
+    report("observing", True, value=len(mine.observers))
+    mine.bump()
+    yield step("kept", lambda: root.callRemote("kept_value"))
+    mine.bump()
+    yield step("kept2", lambda: root.callRemote("kept_value"))
+    yield step("drop_cache", lambda: root.callRemote("drop_cache"))
+    yield until_round_trip(root, lambda: not mine.observers)
+    report("stopped", True, value=len(mine.observers))
 
 
 @inline_callbacks
@@ -376,14 +501,21 @@ def script_login(factory: Any) -> StepGen:
     if avatar is not None:
         yield step("hello", lambda: avatar.callRemote("hello"))
         yield step("echo", lambda: avatar.callRemote("echo", "x"))
+        board = yield step("board", lambda: avatar.callRemote("board"))
+        if board is not None:
+            yield step("whoami", lambda: board.callRemote("whoami"))
     yield step("wrong_password", lambda: factory.login(credentials.UsernamePassword(b"alice", b"wrong")))
+    yield step("unknown_user", lambda: factory.login(credentials.UsernamePassword(b"mallory", b"secret")))
     anonymous = yield step("anonymous_login", lambda: factory.login(credentials.Anonymous()), lambda _: "<avatar>")
     if anonymous is not None:
         yield step("anonymous", lambda: anonymous.callRemote("hello"))
+        anonymous_board = yield anonymous.callRemote("board").addTimeout(STEP_TIMEOUT, THE_REACTOR)
+        yield step("anonymous_whoami", lambda: anonymous_board.callRemote("whoami"))
 
 
 SCRIPTS: dict[str, Callable[[Any], Any]] = {
     "basic": script_basic,
+    "errors": script_errors,
     "refs": script_refs,
     "cache": script_cache,
     "login": script_login,

@@ -9,13 +9,15 @@ runs in a subprocess because a Twisted reactor cannot be restarted in-process.
 from __future__ import annotations
 
 import importlib.util
+import io
 import re
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -209,25 +211,88 @@ def test_a_twisted_client_talks_to_the_example_server() -> None:
 
 
 # -- the docs ----------------------------------------------------------------------------
+#
+# The pages' code blocks run as the reader would run them. A marker comment on the line
+# before a block says more about it:
+#
+#   <!-- twisted -->  a python block written for Twisted: the page's consecutive Twisted
+#                     blocks are one program, run in a subprocess (a reactor cannot be
+#                     restarted in-process);
+#   <!-- output -->   a text block: what the python block (or Twisted program) just
+#                     before it prints, exactly.
+#
+# Every other python block runs in-process, in order, in one namespace per page. Servers
+# listen on ephemeral ports of 127.0.0.1, so the pages can run side by side.
+
+DOCS = ROOT / "docs"
+FENCE = re.compile(r"^(?:<!-- (?P<marker>[a-z ]+) -->\n)?```(?P<lang>\w*)\n(?P<code>.*?)^```$", flags=re.S | re.M)
 
 
-def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+@dataclass(frozen=True)
+class Block:
+    marker: str  # the marker comment just before the block, or ""
+    lang: str
+    code: str
 
 
-@pytest.mark.parametrize("doc", ["object-model.md", "embedding.md", "tutorial.md"])
+def blocks(doc: str) -> list[Block]:
+    text = (DOCS / doc).read_text(encoding="utf-8")
+    return [Block(m["marker"] or "", m["lang"], m["code"]) for m in FENCE.finditer(text)]
+
+
+def twisted_programs(doc: str) -> list[tuple[str, str | None]]:
+    """The page's Twisted programs (runs of consecutive Twisted blocks), each with the output shown after it."""
+    programs: list[tuple[str, str | None]] = []
+    parts: list[str] = []
+    for block in [*blocks(doc), Block("", "", "")]:
+        if block.lang == "python" and block.marker == "twisted":
+            parts.append(block.code)
+            continue
+        if parts:
+            programs.append(("\n\n".join(parts), block.code if block.marker == "output" else None))
+            parts = []
+    return programs
+
+
+@pytest.mark.parametrize("doc", ["object-model.md", "embedding.md", "tutorial.md", "porting.md", "login.md"])
 def test_doc_snippets_run(doc: str) -> None:
     """Every ``python`` block of the page, in order, in one namespace, as the reader would."""
-    blocks = python_blocks(ROOT / "docs" / doc)
-    assert blocks
+    page = blocks(doc)
+    assert any(block.lang == "python" for block in page)
     # The snippets register copy tags: put the global registries back afterwards.
     registries: list[dict[Any, Any]] = [copyTags, unjellyableFactoryRegistry, globalSecurity.allowedTypes]
     saved = [dict(registry) for registry in registries]
     namespace: dict[str, Any] = {"__name__": "__main__"}
+    previous: Block | None = None
+    printed = ""
     try:
-        for number, block in enumerate(blocks, 1):
-            exec(compile(block, f"{doc} block {number}", "exec"), namespace)
+        for number, block in enumerate(page, 1):
+            if block.marker == "output":
+                assert previous is not None and previous.lang == "python", f"{doc} block {number}: output of what?"
+                if previous.marker != "twisted":  # test_twisted_snippets_run checks those
+                    assert printed == block.code, f"{doc} block {number}"
+            elif block.lang == "python" and block.marker != "twisted":
+                with redirect_stdout(io.StringIO()) as out:
+                    exec(compile(block.code, f"{doc} block {number}", "exec"), namespace)
+                printed = out.getvalue()
+            previous = block
     finally:
         for registry, before in zip(registries, saved, strict=True):
             registry.clear()
             registry.update(before)
+
+
+@pytest.mark.parametrize("doc", ["porting.md"])
+def test_twisted_snippets_run(doc: str) -> None:
+    """The page's Twisted programs run under Twisted and print what the page says."""
+    if importlib.util.find_spec("twisted") is None:
+        pytest.skip("Twisted is not installed")
+    programs = twisted_programs(doc)
+    assert programs
+    for source, expected in programs:
+        done = subprocess.run(
+            [sys.executable, "-c", source], capture_output=True, text=True, timeout=60, check=False, cwd=ROOT
+        )
+        assert done.returncode == 0, done.stderr
+        if expected is not None:
+            assert done.stdout == expected

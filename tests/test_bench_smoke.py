@@ -6,6 +6,7 @@ from a shared, noisy machine mean nothing, so there are no timing assertions.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -95,3 +96,43 @@ def test_broker_benchmark_runs() -> None:
     assert completed.returncode == 0, completed.stderr
     rows = [line for line in completed.stdout.splitlines() if line.rstrip().endswith("x")]
     assert len(rows) == 3, completed.stdout
+
+
+def test_sockets_benchmark_runs(tmp_path: Path) -> None:
+    """bench/sockets.py --quick works: one row per scenario and side, and the record (no timing is checked)."""
+    optional = {"uvloop": "uvloop", "trio": "trio"}  # sides that need a package of their own
+    sides = [
+        side
+        for side in ("twisted", "asyncio", "uvloop", "trio", "blocking")
+        if side not in optional or importlib.util.find_spec(optional[side]) is not None
+    ]
+    record_path = tmp_path / "sockets.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "sockets.py"),
+            "--quick",
+            "--sides",
+            ",".join(sides),
+            "--json",
+            str(record_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = [line.split("|") for line in completed.stdout.splitlines() if line.rstrip().endswith("x")]
+    expected = [side.capitalize() if side == "twisted" else side for side in sides]
+    assert [row[0].split()[-1] for row in rows] == expected * 4, completed.stdout
+    for scenario in ("sequential int", "pipelined int", "100 dicts", "100 KB bytes"):
+        assert scenario in completed.stdout, scenario
+
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    results = record["results"]
+    assert [(row["scenario"], row["side"]) for row in results] == [
+        (scenario, side) for scenario in ("seq", "pipe", "dicts", "bytes") for side in sides
+    ]
+    for row in results:
+        _positive_numbers(row, ("calls", "best_s", "median_s", "calls_per_s", "ratio", "ratio_wall", "ratio_cpu"))

@@ -246,6 +246,11 @@ class Broker:
         events, self._events = self._events, []
         return events
 
+    @property
+    def bytes_to_send(self) -> int:
+        """How many bytes :meth:`data_to_send` would return, not counting queued decrefs."""
+        return len(self._out)
+
     def data_to_send(self) -> bytes:
         """Take the bytes to write to the peer (including any queued decrefs)."""
         self._drain_releases()

@@ -39,7 +39,17 @@ from pbcore.errors import ProtocolError
 from pbcore.events import CallReceived
 from pbcore.factory import PBClientFactory, PBServerFactory
 
-__all__ = ["MAX_CONCURRENT_CALLS", "PBProtocol", "PendingFuture", "connect", "connect_unix", "serve", "serve_unix"]
+__all__ = [
+    "MAX_CONCURRENT_CALLS",
+    "READ_SIZE",
+    "WRITE_SIZE",
+    "PBProtocol",
+    "PendingFuture",
+    "connect",
+    "connect_unix",
+    "serve",
+    "serve_unix",
+]
 
 
 class PendingFuture(asyncio.Future[Any]):
@@ -58,7 +68,13 @@ class PendingFuture(asyncio.Future[Any]):
 MAX_CONCURRENT_CALLS = 32
 
 
-class PBProtocol(asyncio.Protocol):
+#: Bytes read at most at once, into one buffer reused for the connection's life.
+READ_SIZE = 64 * 1024
+#: Answers collected while running a batch of calls are written once they reach this.
+WRITE_SIZE = 64 * 1024
+
+
+class PBProtocol(asyncio.BufferedProtocol):
     """One PB connection: feeds the broker, runs calls, writes what it has to send.
 
     Memory stays bounded when the peer stops reading: while the transport's
@@ -77,6 +93,9 @@ class PBProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         self._loop_thread = threading.get_ident()
         self._closed: asyncio.Future[None] = self._loop.create_future()
+        # A buffer of our own: asyncio's default reads allocate (and glibc may
+        # map and unmap) a fresh 256 KiB buffer for every read.
+        self._read_buffer = memoryview(bytearray(READ_SIZE))
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -87,11 +106,14 @@ class PBProtocol(asyncio.Protocol):
         self.broker.connection_made()
         self._flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         broker = self.broker
         assert broker is not None
         try:
-            broker.receive_data(data)
+            broker.receive_data(self._read_buffer[:nbytes])  # the broker copies what it keeps
         except ProtocolError:
             # The broker has closed (pending calls failed); close this connection only.
             self._run_events()
@@ -161,9 +183,12 @@ class PBProtocol(asyncio.Protocol):
                 task = self._loop.create_task(self._finish(rest))
                 self._tasks.add(task)
                 task.add_done_callback(self._call_done)
-            # Written now, so that the transport can pause us (pause_writing)
-            # before the next call adds another answer.
-            self._flush()
+            # Answers go out together, in one write per batch; but a batch
+            # that has collected enough is written now, so that the transport
+            # can pause us (pause_writing) before the next call adds more.
+            if self.broker.bytes_to_send >= WRITE_SIZE:
+                self._flush()
+        self._flush()
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

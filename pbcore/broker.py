@@ -157,6 +157,10 @@ class Broker:
     called when there is something new to send (from any thread: a collected
     reference queues its ``decref`` from a finalizer), so the adapter can
     schedule a flush of :meth:`data_to_send`. It must only schedule.
+    *on_output*, if given, is called instead of *wake_up* when an operation
+    made in the thread driving the broker (a call, an answer) has queued new
+    output; the broker is then in a consistent state, so the adapter may take
+    :meth:`data_to_send` at once rather than schedule a flush.
     """
 
     version = PROTOCOL_VERSION
@@ -171,6 +175,7 @@ class Broker:
         unsafe_tracebacks: bool = False,
         pending_factory: Callable[[], Pending] = PendingCall,
         wake_up: Callable[[], None] | None = None,
+        on_output: Callable[[], None] | None = None,
     ) -> None:
         self.is_client = is_client
         self.security = security
@@ -178,6 +183,7 @@ class Broker:
         self.unsafe_tracebacks = unsafe_tracebacks
         self.pending_factory = pending_factory
         self.wake_up = wake_up
+        self.on_output = on_output
         self.dialect: bytes | None = None
         self.ready = False
         self.closed = False
@@ -521,8 +527,10 @@ class Broker:
         # answer) must reach the transport: tell the adapter once per batch.
         was_empty = not self._out
         self._out += data
-        if was_empty and self.wake_up is not None:
-            self.wake_up()
+        if was_empty:
+            hook = self.on_output or self.wake_up
+            if hook is not None:
+                hook()
 
     def _undo(self, journal: list[tuple[dict[Any, Local], dict[Any, int], Any]]) -> None:
         for table, luids, luid in reversed(journal):

@@ -39,7 +39,7 @@ class PBServerFactory:
         self.limits = limits
 
     def make_broker(self, **adapter_options: Any) -> Broker:
-        """A broker for one accepted connection (*adapter_options*: pending_factory, wake_up)."""
+        """A broker for one accepted connection (*adapter_options*: pending_factory, wake_up, on_output)."""
         return Broker(
             is_client=False,
             root=self.root,

@@ -184,7 +184,9 @@ class Connection:
         self.closed = trio.Event()
         #: Why it closed: None for EOF or a local close, else the error.
         self.close_reason: BaseException | None = None
-        self.broker = make_broker(pending_factory=self._new_pending, wake_up=self._wake_up)
+        self.broker = make_broker(
+            pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued
+        )
 
     @property
     def backlog(self) -> int:
@@ -257,6 +259,15 @@ class Connection:
             self._flush_scheduled = True
             with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._scheduled_flush)
+
+    def _output_queued(self) -> None:
+        # The application (a call, a late answer) queued output, and the
+        # broker is consistent: hand it to the writer now, sparing the
+        # wake-up's trip through trio's wake-up socket on every call.
+        if threading.get_ident() != self._thread:
+            self._wake_up()
+        elif not self._flush_follows:
+            self._flush()
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False

@@ -1443,6 +1443,28 @@ def test_a_reference_released_in_another_thread_wakes_the_broker() -> None:
     assert encode([b"decref", 1]) in pair.client.data_to_send()
 
 
+def test_on_output_hears_of_calls_and_wake_up_of_releases() -> None:
+    heard: list[str] = []
+    pair, _, root = served()
+    pending = root.callRemote("thing")
+    pair.pump()
+    held = [pending.unwrap()]
+    del pending
+    pair.clear_events()
+    pair.client.wake_up = lambda: heard.append("wake_up")
+    pair.client.on_output = lambda: heard.append("on_output")
+    root.callRemote("named", "x")
+    root.callRemote("named", "y")  # the output was not taken: no second notice
+    assert heard == ["on_output"]
+    pair.client.data_to_send()
+    held.clear()
+    gc.collect()  # a finalizer: it must only schedule, so wake_up is called
+    assert heard == ["on_output", "wake_up"]
+    assert pair.client.data_to_send() == encode([b"decref", 1])
+    root.callRemote("named", "z")
+    assert heard == ["on_output", "wake_up", "on_output"]
+
+
 class Avatarish:
     """Anything with a <kind>MessageReceived method, as an avatar has."""
 

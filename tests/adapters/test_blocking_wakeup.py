@@ -12,7 +12,6 @@ a wake-up that blocks makes a test fail, not hang.
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,10 +20,9 @@ import pbcore_blocking
 import pytest
 
 from pbcore import Referenceable, Root
-from pbcore.factory import PBClientFactory, PBServerFactory
+from pbcore.factory import PBServerFactory
 from pbcore.flavors import RemoteReference
-
-TIMEOUT = 5.0
+from tests.adapters.test_blocking_adapter import TIMEOUT, connect, wait_until
 
 
 class Thing(Referenceable):
@@ -40,23 +38,10 @@ class Service(Root):
         return thing.n
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 @pytest.fixture
 def server() -> Iterator[pbcore_blocking.BlockingServer]:
     with pbcore_blocking.serve(PBServerFactory(Service()), "127.0.0.1", 0) as served:
         yield served
-
-
-def connect(port: int) -> pbcore_blocking.BlockingConnection:
-    return pbcore_blocking.connect(PBClientFactory(), "127.0.0.1", port, timeout=TIMEOUT)
 
 
 def released_everything(server: pbcore_blocking.BlockingServer) -> bool:

@@ -4,6 +4,7 @@ peers: tests/interop/test_tcp_matrix.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import ssl
@@ -17,6 +18,7 @@ import pbcore_blocking
 import pytest
 
 from pbcore import Referenceable, Root
+from pbcore.broker import Broker
 from pbcore.cred import Anonymous, UsernamePassword
 from pbcore.errors import PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
@@ -220,3 +222,32 @@ def test_server_close_is_bounded(server: pbcore_blocking.BlockingServer) -> None
     assert wait_until(lambda: all(connection.closed for connection in connections))
     for connection in connections:
         connection.close()
+
+
+def test_a_peer_that_stops_reading_is_dropped_after_the_write_timeout() -> None:
+    # The server's reader thread writes each answer before it reads more, so a
+    # peer that never reads stalls only its own connection, holds at most the
+    # socket buffers, and is dropped once a write has waited `timeout`.
+    answer_size, calls = 200_000, 400  # 80 MB of answers if the server kept them
+    with pbcore_blocking.serve(PBServerFactory(Service()), "127.0.0.1", 0, timeout=0.5) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client = Broker(is_client=True)
+        client.connection_made()
+        while not client.ready:  # the handshake, read normally
+            client.receive_data(sock.recv(65536))
+            sock.sendall(client.data_to_send())
+        for _ in range(calls):
+            client.root().callRemote("echo", b"x" * answer_size)
+        sending = threading.Thread(target=lambda: _send_quietly(sock, client.data_to_send()), daemon=True)
+        sending.start()  # and never read again
+        assert wait_until(lambda: not server.connections)  # dropped: its write timed out
+        with connect(server.port) as other:  # the server itself goes on
+            assert other.call(other.root(), "echo", 1) == [[1], {}]
+        sock.close()
+        sending.join(TIMEOUT)
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)

@@ -12,7 +12,7 @@ The root object (one per connection) answers:
                          each tick calls ``observe_tick(value)`` on every copy
 ``fail()``               raises :class:`DemoError`, an expected error (a ``pbcore.Error``)
 ``login(username)``      the challenge-response login (see :mod:`pbcore.cred`)
-``loginAnonymous(mind)`` an anonymous login, unless the service has ``open=False``
+``loginAnonymous(mind)`` an anonymous login (refused when ``open=False``)
 =======================  ==============================================================
 
 A login gives a :class:`Visitor` avatar, whose ``perspective_*`` methods are
@@ -21,7 +21,8 @@ the root's four (``echo``, ``note``, ``ticker``, ``fail``) plus ``whoami()``
 holds a view of it that knows who they are (``post(text)``, ``read()``).
 
 With ``open=False`` (``pbcore serve --user ... --password ...``) the root
-answers only ``login``: everything is behind the login.
+answers only the login methods, and only the users can log in: everything
+is behind the login.
 """
 
 from __future__ import annotations

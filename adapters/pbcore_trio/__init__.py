@@ -31,7 +31,7 @@ backend="trio")``). An anyio application on the asyncio backend uses
 ``pbcore_asyncio`` instead.
 
 Memory stays bounded when a peer stops reading: bytes go out through the
-stream's ``send_all`` in chunks of :data:`CHUNK`, and while more than
+stream's ``send_all`` up to :data:`HIGH_WATER` at a time, and while more than
 :data:`HIGH_WATER` bytes wait to be written this side stops reading from the
 peer and starts no new call; at most :data:`MAX_CONCURRENT_CALLS` async calls
 of one connection run at once (the next waits, and so does reading). A peer that
@@ -83,9 +83,10 @@ __all__ = [
     "serve_unix",
 ]
 
-#: Bytes read, and written, at a time.
+#: Bytes read at a time.
 CHUNK = 64 * 1024
-#: Above this many unwritten bytes, a connection stops reading and starting calls.
+#: Above this many unwritten bytes, a connection stops reading and starting calls;
+#: also the most written at once.
 HIGH_WATER = 256 * 1024
 #: Async calls one connection runs at once; the next one (and reading) waits for a free slot.
 #: Large, because a call may wait for an answer from the peer that is queued behind
@@ -364,7 +365,7 @@ class Connection:
             await self._wanted.wait()
             self._wanted = trio.Event()
             while self._outgoing:
-                chunk = self._outgoing[:CHUNK]
+                chunk = self._outgoing[:HIGH_WATER]  # a large message in one send
                 try:
                     await self.stream.send_all(chunk)
                 except _STREAM_ERRORS as error:

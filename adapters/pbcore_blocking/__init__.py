@@ -31,11 +31,14 @@ thread holding the same connection's lock cannot re-enter the broker or
 reorder its output. A failed write only shuts the socket down (a wake-up
 must not run disconnect callbacks): the reader thread reports the loss.
 
-The blocking adapter runs **synchronous** remote methods. A coroutine method
-is driven only if it finishes without waiting; one that would suspend (on an
-event loop, or on another PB call) gets an error answer instead. A method
-must not make blocking calls over its own connection (the reader thread that
-would deliver the answer is the one running it): that raises RuntimeError.
+The blocking adapter has no event loop. A coroutine method (``async def``)
+may await PB calls over its own connection (calling back the peer's
+objects): the reader thread runs it up to that ``await``, serves other
+calls meanwhile, and runs it on when the answer arrives. One that awaits
+anything else (an event loop, a PB call over another connection) gets an
+error answer instead. A method must not make *blocking* calls over its own
+connection (the reader thread that would deliver the answer is the one
+running it): that raises RuntimeError.
 
 Known limits: a served method runs holding its connection's lock, so other
 threads using that connection wait while it runs (a decref collected
@@ -49,13 +52,14 @@ calls (:func:`pbcore.broker.serve_call`) and wires the broker's wake-up.
 
 from __future__ import annotations
 
+import collections
 import select
 import socket
 import ssl as ssl_module
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import Any, TypeVar
@@ -75,6 +79,14 @@ JOIN_TIMEOUT = 5.0
 #: How often blocked loops look at their stop flag.
 POLL_INTERVAL = 0.2
 _READ_SIZE = 65536
+
+
+class _Pending(PendingCall):
+    """A call's pending result that knows its connection."""
+
+    def __init__(self, connection: BlockingConnection) -> None:
+        super().__init__()
+        self.connection = connection
 
 
 class BlockingConnection:
@@ -107,11 +119,13 @@ class BlockingConnection:
         # Waiters sleep on their own lock, not the connection's, so that only
         # _hold() releases the connection's lock (and looks at the flag then).
         self._changed = threading.Condition()
+        # Served coroutines whose PB call has settled, to run on from _run_events.
+        self._resumable: collections.deque[tuple[CallReceived, Generator[Any, None, None]]] = collections.deque()
         self._closed = False
         self._stopping = False
         self._factory = factory
         self._reader = threading.Thread(target=self._read_loop, name="pbcore-blocking-reader", daemon=True)
-        options: dict[str, Any] = {"pending_factory": PendingCall, "wake_up": self._wake_up}
+        options: dict[str, Any] = {"pending_factory": self._new_pending, "wake_up": self._wake_up}
         if isinstance(factory, PBClientFactory):
             options["close"] = self.close
         self.broker: Broker = factory.make_broker(**options)
@@ -332,25 +346,41 @@ class BlockingConnection:
             except (TimeoutError, ssl_module.SSLWantReadError):
                 return None
 
+    def _new_pending(self) -> _Pending:
+        return _Pending(self)
+
     def _run_events(self) -> None:
+        # In the reader thread, holding the lock.
         for event in self.broker.events():
             if isinstance(event, CallReceived):
-                self._run_call(event)
+                rest = serve_call(self.broker, event)
+                if rest is not None:
+                    self._step(event, rest.__await__())
+        while self._resumable:
+            self._step(*self._resumable.popleft())
 
-    def _run_call(self, event: CallReceived) -> None:
-        rest = serve_call(self.broker, event)
-        if rest is None:
-            return
-        steps = rest.__await__()
+    def _step(self, event: CallReceived, steps: Generator[Any, None, None]) -> None:
+        """Run a served coroutine until it finishes (it has answered) or waits again."""
         try:
-            steps.send(None)
+            waiting = steps.send(None)
         except StopIteration:
-            return  # finished without waiting: answered
+            return
+        if isinstance(waiting, _Pending) and waiting.connection is self:
+            # Settled by this reader (an answer, or the connection's loss), which
+            # then resumes the coroutine from _run_events.
+            def resume(_: object) -> None:
+                self._resumable.append((event, steps))
+
+            waiting.add_callbacks(resume, resume)
+            return
         steps.close()
         if event.answer_required and not self.broker.closed:
             self.broker.send_error(
                 event.request_id,
-                RuntimeError(f"{event.method}: the blocking adapter runs only methods that do not wait"),
+                RuntimeError(
+                    f"{event.method}: a method served by the blocking adapter can wait only for"
+                    " PB calls over its own connection"
+                ),
             )
 
     def _lost(self, reason: BaseException | None) -> None:

@@ -63,6 +63,17 @@ class Service(Root):
         await asyncio.sleep(0)  # suspends: the blocking adapter answers with an error
         return "never"
 
+    async def remote_call_back(self, ref: RemoteReference, x: Any) -> Any:
+        # Waits for a PB call over the caller's own connection: resumed by its reader.
+        doubled = await ref.callRemote("twice", x)
+        return await ref.callRemote("twice", doubled)
+
+    def remote_keep(self, ref: RemoteReference) -> None:
+        self.kept = ref
+
+    async def remote_ask_kept(self, x: Any) -> Any:
+        return await self.kept.callRemote("twice", x)  # over another connection: refused
+
 
 def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
     deadline = time.monotonic() + timeout
@@ -99,6 +110,55 @@ def test_a_method_that_waits_gets_an_error(server: pbcore_blocking.BlockingServe
             connection.call(root, "waits")
         assert caught.value.check(RuntimeError)
         assert connection.call(root, "echo", 1) == [[1], {}]
+
+
+def test_a_method_may_wait_for_calls_back_over_its_own_connection(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        root = connection.root()
+        assert connection.call(root, "call_back", Twice(), 5) == 20
+        assert connection.call(root, "echo", 1) == [[1], {}]
+
+
+def test_a_method_waiting_for_another_connection_gets_an_error(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as first, connect(server.port) as second:
+        first.call(first.root(), "keep", Twice())
+        with pytest.raises(CopiedFailure) as caught:
+            second.call(second.root(), "ask_kept", 5)
+        assert caught.value.check(RuntimeError)
+        assert "can wait only for PB calls over its own connection" in caught.value.value
+        assert second.call(second.root(), "echo", 1) == [[1], {}]
+
+
+def test_a_method_waiting_when_the_connection_drops_finishes_quietly(server: pbcore_blocking.BlockingServer) -> None:
+    class Slow(Referenceable):
+        def __init__(self) -> None:
+            self.asked = threading.Event()
+
+        def remote_twice(self, x: Any) -> Any:
+            self.asked.set()
+            time.sleep(0.2)  # the client closes meanwhile: the server's call fails
+            return x * 2
+
+    slow = Slow()
+    connection = connect(server.port)
+    root = connection.root()
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            connection.call(root, "call_back", slow, 5)
+        except BaseException as error:  # the outcome is what is checked
+            outcome.append(error)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert slow.asked.wait(TIMEOUT)  # the server's method is waiting for our answer
+    connection.close()
+    caller.join(TIMEOUT)
+    assert [type(error) for error in outcome] == [PBConnectionLost]
+    assert wait_until(lambda: not server.connections)
+    with connect(server.port) as other:  # the server goes on
+        assert other.call(other.root(), "echo", 1) == [[1], {}]
 
 
 def test_tls(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from pbcore.cred import Anonymous, UsernamePassword
 from pbcore.demo import DemoService
-from pbcore.errors import DeadReferenceError, PBConnectionLost, ProtocolError, RemoteError
+from pbcore.errors import DeadReferenceError, NotJellyable, PBConnectionLost, ProtocolError, RemoteError
 from pbcore.factory import PBClientFactory
 
 from . import connect, serve
@@ -113,6 +113,8 @@ async def _call(
         raise _Failed(f"remote error: {_describe(error)}") from None
     except (PBConnectionLost, DeadReferenceError, ProtocolError) as error:
         raise _Failed(f"error: {_describe(error)}") from None
+    except NotJellyable as error:  # an argument such as 1j or ..., which PB cannot carry
+        raise _Failed(f"error: cannot send the arguments: {error}") from None
     finally:
         connection.close()
 

@@ -121,7 +121,7 @@ def _depth(_instance: object, attribute: attrs.Attribute[int], value: int) -> No
 
 @attrs.frozen
 class Limits:
-    """What one connection's decoder will accept.
+    """What one connection will accept from its peer (its decoder, and its call dispatcher).
 
     ``prefix_limit`` and ``size_limit`` are Twisted's (64 bytes of prefix, so
     ints below 2**448 in magnitude; 640 KiB for one list or byte string).
@@ -136,6 +136,9 @@ class Limits:
     size_limit: int = attrs.field(default=640 * 1024, validator=_positive)
     max_depth: int = attrs.field(default=100, validator=_depth)
     max_expression_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
+    #: Async calls one connection may have running at once; one more is refused with an
+    #: error answer (:class:`pbcore.serving.TooManyCalls`), never queued (see pbcore.serving).
+    max_running_calls: int = attrs.field(default=10_000, validator=_positive)
 
 
 DEFAULT_LIMITS: Final = Limits()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Protocol
 
@@ -38,9 +39,9 @@ from .errors import (
     DeadReferenceError,
     Error,
     JellyError,
-    PBConnectionLost,
     ProtocolError,
     RemoteError,
+    connection_lost_error,
 )
 from .events import (
     AnswerReceived,
@@ -61,12 +62,15 @@ from .flavors import (
     RemoteCacheObserver,
     RemoteReference,
 )
+from .isolation import run_isolated
 from .jelly import SecurityOptions, Unjellier, globalSecurity
 
 __all__ = ["PROTOCOL_VERSION", "Broker", "Pending", "PendingCall", "serve_call"]
 
 #: The PB protocol version both sides announce.
 PROTOCOL_VERSION = 6
+
+log = logging.getLogger("pbcore.broker")
 
 
 class Pending(Protocol):
@@ -161,6 +165,13 @@ class Broker:
     made in the thread driving the broker (a call, an answer) has queued new
     output; the broker is then in a consistent state, so the adapter may take
     :meth:`data_to_send` at once rather than schedule a flush.
+
+    When the broker closes (:meth:`connection_lost`, from the adapter, the
+    application, or the broker itself refusing a peer over
+    :data:`~pbcore.flavors.MAX_BROKER_REFS`), it calls *on_output* (else
+    *wake_up*) once more: an adapter that then finds :attr:`closed` set closes
+    its transport at once. *peer* is the peer's address, for logs and the
+    application (``broker.peer``); the adapter sets it.
     """
 
     version = PROTOCOL_VERSION
@@ -176,8 +187,11 @@ class Broker:
         pending_factory: Callable[[], Pending] = PendingCall,
         wake_up: Callable[[], None] | None = None,
         on_output: Callable[[], None] | None = None,
+        peer: Any = None,
     ) -> None:
         self.is_client = is_client
+        #: The peer's address (as the transport gives it), or None.
+        self.peer = peer
         self.security = security
         self.limits = limits
         self.unsafe_tracebacks = unsafe_tracebacks
@@ -229,6 +243,7 @@ class Broker:
 
     def connection_made(self) -> None:
         """The transport is up: a server offers its dialects."""
+        log.debug("%s: connected", self._who())
         if not self.is_client:
             self._send_plain(list(DIALECTS), b"none")
 
@@ -244,6 +259,7 @@ class Broker:
                     break
                 self._dispatch(expression)
         except ProtocolError as error:
+            log.info("%s: closing the connection: %s: %s", self._who(), type(error).__name__, error)
             self.connection_lost(error)
             raise
 
@@ -276,30 +292,54 @@ class Broker:
         return len(self._waiting)
 
     def connection_lost(self, reason: BaseException | None = None) -> None:
-        """The connection is gone: fail pending calls, run disconnect notifiers (once)."""
+        """The connection is gone: fail pending calls, run disconnect notifiers, forget every object (once).
+
+        Each callback runs isolated (one that raises is logged and the next
+        still runs); then the tables are emptied, so that a reference the
+        application keeps from this connection holds nothing the peer was
+        given, :class:`~pbcore.events.ConnectionClosed` is queued and the
+        adapter is told (see the class docstring).
+        """
         if self.closed:
             return
         self.closed = True
         self.close_reason = reason
+        log.debug("%s: connection closed (%s)", self._who(), "no reason given" if reason is None else reason)
         waiting, self._waiting = self._waiting, {}
         for pending in waiting.values():
-            pending.fail(PBConnectionLost(reason) if reason is not None else PBConnectionLost())
+            run_isolated(log, "failing a pending call", pending.fail, connection_lost_error(reason))
         observed, self.remotelyCachedObjects = self.remotelyCachedObjects, {}
         for local in observed.values():
-            local.object.stoppedObserving(local.perspective, RemoteCacheObserver(self, local.object, local.perspective))
+            self._stopped_observing(local)
         notifiers, self._disconnects = self._disconnects, []
         for notifier in notifiers:
-            notifier()
+            run_isolated(log, f"disconnect notifier {notifier!r:.80}", notifier)
+        for instance in self.locallyCachedObjects.values():
+            instance.__dict__["broker"] = None  # its copies no longer count on a dead connection
+        self.localObjects.clear()
+        self._luids.clear()
+        self._cached_luids.clear()
+        self.locallyCachedObjects.clear()
+        self._on_release.clear()
+        self._connects = None
+        self._root = None
         self._events.append(ConnectionClosed(reason))
         self._releases.clear()
         self._out.clear()  # nothing more goes out on a closed connection
+        hook = self.on_output or self.wake_up
+        if hook is not None:
+            run_isolated(log, "the adapter's output hook", hook)
+
+    def _who(self) -> str:
+        return "peer" if self.peer is None else f"peer {self.peer}"
 
     # -- Twisted's names for notification --------------------------------------------
 
     def notifyOnConnect(self, notifier: Callable[[], object]) -> None:
         """Call *notifier* when the handshake completes (at once if it has)."""
         if self._connects is None:
-            notifier()
+            if not self.closed:
+                notifier()
         else:
             self._connects.append(notifier)
 
@@ -347,8 +387,10 @@ class Broker:
         if len(table) > MAX_BROKER_REFS:
             self._ref_violations += 1
             if self._ref_violations > 3:
+                log.warning("%s: over MAX_BROKER_REFS (%d) a fourth time: closing", self._who(), MAX_BROKER_REFS)
                 self.connection_lost(Error("Maximum PB reference count exceeded. Goodbye."))
                 raise Error("Maximum PB reference count exceeded. Goodbye.")
+            log.warning("%s: refused a reference: over MAX_BROKER_REFS (%d)", self._who(), MAX_BROKER_REFS)
             raise Error("Maximum PB reference count exceeded.")
 
     def on_release(self, obj: Any, callback: Callable[[], object]) -> None:
@@ -472,7 +514,9 @@ class Broker:
             return None
         try:
             self._send_values([b"answer", request_id], [result], perspective)
-        except (ProtocolError, Error, TypeError, ValueError) as error:  # NotJellyable is a TypeError
+        except Exception as error:  # NotJellyable, a limit, or the application's getStateToCopy raising
+            if self.closed:  # serializing it closed the broker (over MAX_BROKER_REFS)
+                return error
             self.send_error(request_id, error)
             return error
         return None
@@ -490,7 +534,12 @@ class Broker:
             hasattr(type(error), "jellyFor") or self.security.isClassAllowed(type(error))
         )
         failure = error if sendable else CopyableFailure(error, self.unsafe_tracebacks)
-        self._send_values([b"error", request_id], [failure], None)
+        try:
+            self._send_values([b"error", request_id], [failure], None)
+        except Exception as problem:  # its message or state could not be serialized
+            log.error("%s: an error answer could not be sent: %s; sending a plain one", self._who(), problem)
+            plain = Error(f"{type(error).__name__} (its details could not be sent)")
+            self._send_values([b"error", request_id], [CopyableFailure(plain)], None)
 
     def cancel(self, call: int | Pending) -> None:
         """Stop waiting for a call (its pending result or request id): a late answer is dropped."""
@@ -510,8 +559,10 @@ class Broker:
         try:
             data = encoder.encode_list(head, values, invoker=self)
         except BaseException:
-            # Nothing was sent: take back the references counted meanwhile.
-            self._undo(self._journal)
+            # Nothing was sent: take back the references counted meanwhile
+            # (unless encoding closed the broker, which has forgotten them all).
+            if not self.closed:
+                self._undo(self._journal)
             raise
         finally:
             self.serializingPerspective = None
@@ -540,9 +591,12 @@ class Broker:
             del table[luid]
             luids.pop(local.object.processUniqueID(), None)
             if table is self.remotelyCachedObjects:
-                local.object.stoppedObserving(
-                    local.perspective, RemoteCacheObserver(self, local.object, local.perspective)
-                )
+                self._stopped_observing(local)
+
+    def _stopped_observing(self, local: Local) -> None:
+        observer = RemoteCacheObserver(self, local.object, local.perspective)
+        what = f"{type(local.object).__name__}.stoppedObserving"
+        run_isolated(log, what, local.object.stoppedObserving, local.perspective, observer)
 
     def _send_plain(self, sexp: Sexp, dialect: bytes | None = None) -> None:
         self._queue(self._plain[dialect or self.dialect or b"none"].encode(sexp))
@@ -587,7 +641,7 @@ class Broker:
             self._events.append(Ready(self.dialect))
             connects, self._connects = self._connects or [], None
             for notifier in connects:
-                notifier()
+                run_isolated(log, f"connect notifier {notifier!r:.80}", notifier)
 
     def _message(self, expression: list[Any]) -> None:
         _arity(expression, 7)
@@ -671,7 +725,7 @@ class Broker:
             self._luids.pop(puid, None)
             callback = self._on_release.pop(puid, None)
             if callback is not None:
-                callback()
+                run_isolated(log, "a release callback", callback)
         self._events.append(DecRefReceived(luid, freed))
 
     def _did_not_understand(self, expression: list[Any]) -> None:
@@ -689,7 +743,7 @@ class Broker:
             return
         del self.remotelyCachedObjects[luid]
         self._cached_luids.pop(local.object.processUniqueID(), None)
-        local.object.stoppedObserving(local.perspective, RemoteCacheObserver(self, local.object, local.perspective))
+        self._stopped_observing(local)
         self._send_plain([b"uncache", luid])
 
     def _uncache(self, expression: list[Any]) -> None:

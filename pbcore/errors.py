@@ -24,6 +24,7 @@ __all__ = [
     "PBConnectionLost",
     "ProtocolError",
     "RemoteError",
+    "connection_lost_error",
 ]
 
 
@@ -80,3 +81,8 @@ class DeadReferenceError(Exception):
 
 class PBConnectionLost(Exception):
     """The connection was lost before the call was answered."""
+
+
+def connection_lost_error(reason: BaseException | None) -> PBConnectionLost:
+    """The PBConnectionLost a pending call fails with, carrying *reason* when there is one."""
+    return PBConnectionLost(reason) if reason is not None else PBConnectionLost("the connection was lost")

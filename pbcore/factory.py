@@ -16,7 +16,7 @@ from typing import Any
 from .banana import DEFAULT_LIMITS, Limits
 from .broker import Broker, Pending
 from .cred import Anonymous, respond
-from .errors import Error, PBConnectionLost
+from .errors import Error, connection_lost_error
 from .flavors import RemoteReference
 from .jelly import SecurityOptions, globalSecurity
 
@@ -83,7 +83,7 @@ class PBClientFactory:
         if not broker.ready:
             ready: Pending = broker.pending_factory()
             broker.notifyOnConnect(lambda: ready.resolve(None))
-            broker.notifyOnDisconnect(lambda: ready.fail(_lost(broker.close_reason)))
+            broker.notifyOnDisconnect(lambda: ready.fail(connection_lost_error(broker.close_reason)))
             await ready  # type: ignore[misc]
         return broker.root()
 
@@ -110,9 +110,5 @@ class PBClientFactory:
         if self.broker is None:
             raise Error("not connected: an adapter must connect this factory first")
         if self.broker.closed:
-            raise _lost(self.broker.close_reason)
+            raise connection_lost_error(self.broker.close_reason)
         return self.broker
-
-
-def _lost(reason: BaseException | None) -> PBConnectionLost:
-    return PBConnectionLost(reason) if reason is not None else PBConnectionLost("the connection was lost")

@@ -15,11 +15,13 @@ import the broker.
 
 from __future__ import annotations
 
+import logging
 import traceback as traceback_module
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import DeadReferenceError, Error, JellyError, NoSuchMethod, PBConnectionLost, ProtocolError, RemoteError
+from .isolation import run_isolated
 from .jelly import (
     Jellier,
     Jellyable,
@@ -30,6 +32,8 @@ from .jelly import (
     setUnjellyableForClassTree,
 )
 from .jelly import unjellyableRegistry as copyTags
+
+log = logging.getLogger("pbcore.flavors")
 
 __all__ = [
     "MAX_BROKER_REFS",
@@ -397,7 +401,7 @@ class RemoteReference(Serializable):
     def _disconnected(self) -> None:
         callbacks, self._disconnect_callbacks = self._disconnect_callbacks, []
         for callback in callbacks:
-            callback(self)
+            run_isolated(log, f"disconnect callback {callback!r:.80}", callback, self)
 
     def jellyFor(self, jellier: Jellier) -> Any:
         """Sent back to its owner, a reference becomes ``[b"local", luid]``: the original object."""
@@ -486,16 +490,23 @@ class CopyableFailure(Copyable):
         return FAILURE_TAG
 
     def getStateToCopy(self) -> dict[str, Any]:
-        kind = type(self.exception)
-        if self.unsafeTracebacks:
-            text = "".join(traceback_module.format_exception(kind, self.exception, self.exception.__traceback__))
+        exception = self.exception
+        if isinstance(exception, CopiedFailure):
+            # Relayed from another peer: it keeps that peer's type, value,
+            # traceback and parents, as Twisted relays them.
+            name, value, text, parents = exception.type, exception.value, exception.traceback, exception.parents
         else:
-            text = "Traceback unavailable\n"
+            kind = type(exception)
+            name, value, parents = wire_name(kind), str(exception), [wire_name(base) for base in kind.__mro__]
+            if self.unsafeTracebacks:
+                text = "".join(traceback_module.format_exception(kind, exception, exception.__traceback__))
+            else:
+                text = "Traceback unavailable\n"
         return {
-            "type": wire_name(kind).encode("utf-8"),
-            "value": str(self.exception),
+            "type": name.encode("utf-8"),
+            "value": value,
             "traceback": text,
-            "parents": [wire_name(base) for base in kind.__mro__],
+            "parents": parents,
             "frames": [],
             "stack": [],
             "tb": None,

@@ -9,8 +9,11 @@
     assert pending.unwrap() == 1
 
 :meth:`BrokerPair.pump` moves bytes both ways and runs every call that
-arrives, answering it, until nothing moves. Methods may be plain functions or
-coroutine functions that finish without waiting on an event loop.
+arrives (through each side's :class:`~pbcore.serving.Dispatcher`, so exactly
+as an adapter would), until nothing moves. Methods may be plain functions or
+coroutine functions that await PB calls over the pair (the
+:class:`~pbcore.driver.CoroutineDriver` runs them); awaiting anything else is
+an error answer.
 """
 
 from __future__ import annotations
@@ -18,30 +21,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .broker import Broker, PendingCall, serve_call
+from .broker import Broker, PendingCall
+from .driver import CoroutineDriver
 from .events import CallReceived, Event
+from .serving import Dispatcher
 
-__all__ = ["BrokerPair", "run_call"]
+__all__ = ["BrokerPair"]
 
 T = TypeVar("T")
-
-
-def run_call(broker: Broker, event: CallReceived) -> None:
-    """Run one received call and send its answer or error, synchronously."""
-    rest = serve_call(broker, event)
-    if rest is not None:
-        _finish(rest)
-
-
-def _finish(awaitable: Any) -> Any:
-    """Drive a coroutine that never really suspends; anything else needs a real loop."""
-    coroutine = awaitable.__await__()
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value
-    coroutine.close()
-    raise RuntimeError("this awaitable waits on an event loop: use an adapter, not BrokerPair")
 
 
 class BrokerPair:
@@ -64,6 +51,8 @@ class BrokerPair:
     ) -> None:
         self.server = broker_factory(is_client=False, root=server_root, pending_factory=PendingCall, **options)
         self.client = broker_factory(is_client=True, root=client_root, pending_factory=PendingCall, **options)
+        self.driver = CoroutineDriver(log_errors=False)
+        self._dispatchers = {self.server: Dispatcher(self.server), self.client: Dispatcher(self.client)}
         self.server_events: list[Event] = []
         self.client_events: list[Event] = []
         self.server.connection_made()
@@ -86,8 +75,10 @@ class BrokerPair:
                 for event in target.events():
                     log.append(event)
                     if isinstance(event, CallReceived):
-                        run_call(target, event)
                         moved = True
+                        self.driver.start_calls(self._dispatchers[target].dispatch([event]))
+                if self.driver.run_ready():
+                    moved = True
             if not moved:
                 return count
         raise RuntimeError(f"the brokers are still talking after {rounds} rounds")
@@ -95,26 +86,17 @@ class BrokerPair:
     def run(self, awaitable: Awaitable[T], rounds: int = 1000) -> T:
         """Run a coroutine that awaits calls over this pair (``await ref.callRemote(...)``).
 
-        Whenever it waits on a pending call, the pair is pumped until that
-        call settles; the coroutine's result is returned (or its error raised).
+        The pair is pumped until it finishes; its result is returned (or its
+        error raised).
         """
-        steps = awaitable.__await__()
-        value: Any = None
-        for _ in range(rounds):
-            try:
-                waiting = steps.send(value)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            if not isinstance(waiting, PendingCall):
-                steps.close()
-                raise RuntimeError(f"awaited {waiting!r}: BrokerPair.run can only wait for PB calls")
-            self.pump()
-            if not waiting.done:
-                steps.close()
-                raise RuntimeError("a call was not answered although both brokers are idle")
-            value = None
-        steps.close()
-        raise RuntimeError(f"still running after {rounds} calls")
+        task = self.driver.spawn(awaitable)
+        self.pump(rounds)
+        if not task.done:
+            task.cancel()
+            raise RuntimeError("the coroutine still waits although both brokers are idle")
+        if task.error is not None:
+            raise task.error
+        return task.result  # type: ignore[no-any-return]
 
     def clear_events(self) -> None:
         """Forget the logged events: they hold values (and so references) alive."""

@@ -15,9 +15,10 @@ import pytest
 
 from pbcore import flavors
 from pbcore.broker import Broker, PendingCall
+from pbcore.driver import CoroutineDriver
 from pbcore.errors import Error, NoSuchMethod, PBConnectionLost, ProtocolError
 from pbcore.events import CallReceived, DecRefReceived
-from pbcore.testing import run_call
+from pbcore.serving import Dispatcher
 
 pb: Any = pytest.importorskip("twisted.spread.pb")
 testing: Any = pytest.importorskip("twisted.internet.testing")
@@ -85,6 +86,8 @@ class Connection:
 
     def __init__(self, ours: Broker, theirs: Any) -> None:
         self.ours = ours
+        self.dispatcher = Dispatcher(ours)
+        self.driver = CoroutineDriver()
         self.theirs = theirs
         self.transport = testing.StringTransport()
         self.events: list[Any] = []
@@ -108,8 +111,10 @@ class Connection:
                 if not isinstance(event, CallReceived):
                     self.events.append(type(event).__name__ if not isinstance(event, DecRefReceived) else event)
                 else:
-                    run_call(self.ours, event)
+                    self.driver.start_calls(self.dispatcher.dispatch([event]))
                     moved = True
+            if self.driver.run_ready():
+                moved = True
             if not moved:
                 return
         raise AssertionError("still talking after 100 rounds")

@@ -22,7 +22,17 @@ from pbcore.broker import Broker, PendingCall
 from pbcore.driver import CoroutineDriver
 from pbcore.errors import Error, PBConnectionLost
 from pbcore.events import ConnectionClosed
-from pbcore.flavors import Cacheable, CopiedFailure, Copyable, Referenceable, RemoteReference, Root
+from pbcore.flavors import (
+    Cacheable,
+    CopiedFailure,
+    Copyable,
+    Referenceable,
+    RemoteCache,
+    RemoteReference,
+    Root,
+    copyTags,
+    setCopierForClass,
+)
 from pbcore.serving import Dispatcher, TooManyCalls
 from pbcore.testing import BrokerPair
 
@@ -313,8 +323,6 @@ def test_a_raising_stopped_observing_does_not_stop_the_others() -> None:
             return [Watched("a"), Watched("b")]
 
     pair = BrokerPair(server_root=Home())
-    from pbcore.flavors import RemoteCache, setCopierForClass  # noqa: PLC0415
-
     tag = f"{Watched.__module__}.{Watched.__qualname__}"
     setCopierForClass(tag, RemoteCache)
     try:
@@ -322,9 +330,7 @@ def test_a_raising_stopped_observing_does_not_stop_the_others() -> None:
         assert len(caches) == 2
         pair.server.connection_lost(None)
     finally:
-        from pbcore.flavors import copyTags  # noqa: PLC0415
-
-        copyTags.pop(tag, None)
+        del copyTags[tag.encode()]
     assert sorted(stopped) == ["a", "b"]
 
 

@@ -5,10 +5,10 @@ blocking adapter) can still serve ``async`` methods, a Portal's login among
 them, and write client code as coroutines::
 
     driver = CoroutineDriver()
-    dispatcher = Dispatcher(broker)
+    dispatcher = Dispatcher(broker, driver.spawn_call)
     ...
     broker.receive_data(data)               # answers settle PendingCalls
-    driver.start_calls(dispatcher.dispatch(broker.events()))
+    dispatcher.dispatch(broker.events())    # runs calls; async ones up to their first wait
     driver.run_ready()                      # resume what those answers woke up
     send(broker.data_to_send())
 
@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 from .broker import PendingCall
-from .serving import CallTask
 
 __all__ = ["CoroutineDriver", "DriverTask"]
 
@@ -137,10 +136,9 @@ class CoroutineDriver:
         task._step()
         return task
 
-    def start_calls(self, tasks: Iterable[CallTask]) -> None:
-        """Run each served call the dispatcher handed out (cancelled with its connection)."""
-        for task in tasks:
-            task.set_canceller(self.spawn(task.run()).cancel)
+    def spawn_call(self, coroutine: Coroutine[Any, Any, None]) -> Callable[[], None]:
+        """A :class:`~pbcore.serving.Dispatcher`'s *spawn*: run *coroutine*; how to cancel it."""
+        return self.spawn(coroutine).cancel
 
     @property
     def ready(self) -> int:

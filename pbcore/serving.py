@@ -2,18 +2,19 @@
 
 ::
 
-    dispatcher = Dispatcher(broker)
+    dispatcher = Dispatcher(broker, spawn)  # spawn(coroutine) runs it in a task, returns how to cancel it
     broker.receive_data(data)
-    for task in dispatcher.dispatch(broker.events()):
-        schedule(task)          # the adapter runs ``await task.run()`` in a task of its own,
-                                # after task.set_canceller(<how to cancel that task>)
+    dispatcher.dispatch(broker.events())
 
 The rules, in one place:
 
-* **Order.** Calls start in the order they arrived. A plain method runs at
-  once and is answered at once; an ``async`` one is invoked at once too (its
-  coroutine is made) and handed back as a :class:`CallTask` for the adapter
-  to run.
+* **Order.** Calls start in the order they arrived, as in Twisted: a call's
+  method runs only once every earlier call's method has run up to its first
+  wait. A plain method runs and is answered at once; an ``async`` one is
+  handed to *spawn* as a task (asyncio, trio, anyio, or the
+  :class:`~pbcore.driver.CoroutineDriver`), and the calls after it start as
+  soon as its coroutine first waits (or ends). So a long poll is registered
+  before the call that wakes it, whatever the runtime schedules first.
 * **Every outcome is an answer.** Whatever the method raises, sync or async,
   and whatever goes wrong serializing its result, the caller gets an error
   answer naming the original exception's type (a relayed
@@ -25,25 +26,24 @@ The rules, in one place:
 * **No deadlock.** A call never waits for a slot: PB's central idiom is a
   call that awaits a call back into its caller, which awaits a call to us,
   and so on; a slot that only a later message can free deadlocks such a call
-  graph. So there is no queue: past ``Limits.max_running_calls`` async calls
-  running on one connection, the next is *refused* at once with a
-  :class:`TooManyCalls` error answer. Memory is bounded by that figure, and by
-  the adapter's back-pressure on reading (it stops reading while the peer
-  does not read what it is sent).
+  graph. So past ``Limits.max_running_calls`` async calls running on one
+  connection, the next is *refused* at once with a :class:`TooManyCalls`
+  error answer. Memory is bounded by that figure, and by the adapter's
+  back-pressure on reading (it stops reading while the peer does not read
+  what it is sent).
 * **Cancel on close.** When the connection ends, every call still running is
-  cancelled through the canceller its adapter installed, and no answer is
-  sent for it.
+  cancelled through the canceller *spawn* returned, no answer is sent for
+  it, and the calls not started yet are dropped.
 
-Nothing here does I/O, reads a clock or knows an event loop: the adapter
-decides how a :class:`CallTask` runs (an asyncio task, a trio task, the
-:class:`~pbcore.driver.CoroutineDriver` with no loop at all).
+Nothing here does I/O, reads a clock or knows an event loop.
 """
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from typing import Any
 
 from .broker import Broker
@@ -60,14 +60,14 @@ class TooManyCalls(Error):
 
 
 class CallTask:
-    """One served ``async`` call, for the adapter to run: ``await task.run()``.
+    """One served ``async`` call: the coroutine :meth:`run` is what the dispatcher hands to *spawn*.
 
-    The adapter installs, with :meth:`set_canceller`, a function that cancels
-    the task it runs this in; the dispatcher calls it when the connection
-    ends. :meth:`run` never raises an :class:`Exception`: it answers.
+    :meth:`run` never raises an :class:`Exception`: it answers. The
+    dispatcher cancels it (through the canceller *spawn* returned) when the
+    connection ends.
     """
 
-    __slots__ = ("_awaitable", "_cancelled", "_canceller", "_dispatcher", "_event", "_started", "method")
+    __slots__ = ("_awaitable", "_cancelled", "_canceller", "_dispatcher", "_event", "_ran", "method")
 
     def __init__(self, dispatcher: Dispatcher, event: CallReceived, awaitable: Awaitable[Any]) -> None:
         self._dispatcher = dispatcher
@@ -75,15 +75,9 @@ class CallTask:
         self._awaitable: Awaitable[Any] | None = awaitable
         self._canceller: Callable[[], object] | None = None
         self._cancelled = False
-        self._started = False
+        self._ran = False
         #: The method's name (for the adapter's logs and task names).
         self.method = event.method
-
-    def set_canceller(self, canceller: Callable[[], object]) -> None:
-        """How to cancel the task running :meth:`run` (``task.cancel``, ``scope.cancel``...)."""
-        self._canceller = canceller
-        if self._cancelled:
-            canceller()
 
     @property
     def cancelled(self) -> bool:
@@ -91,26 +85,32 @@ class CallTask:
         return self._cancelled
 
     def cancel(self) -> None:
-        """Cancel the call: no answer will be sent (called by the dispatcher when the connection ends)."""
+        """Cancel the call: no answer will be sent (the dispatcher calls this when the connection ends)."""
         if self._cancelled:
             return
         self._cancelled = True
-        if not self._started:
+        if not self._ran:
             self._close_unstarted()
         if self._canceller is not None:
             self._canceller()
+
+    def _set_canceller(self, canceller: Callable[[], object]) -> None:
+        self._canceller = canceller
+        if self._cancelled:
+            canceller()
 
     async def run(self) -> None:
         """Await the method, then send its answer (or error answer)."""
         event, awaitable = self._event, self._awaitable
         if event is None or awaitable is None or self._cancelled:
+            self._dispatcher._waited(self)
             return
-        self._started = True
+        self._ran = True
         # Drop what the call holds as soon as it is over: the arguments may be
         # references the peer counts, and a task object may outlive the call.
         self._event = self._awaitable = None
         try:
-            result = await awaitable
+            result = await _FirstWait(awaitable, lambda: self._dispatcher._waited(self))
         except BaseException as error:
             self._dispatcher._finished(self)
             if self._cancelled or not isinstance(error, Exception):
@@ -122,6 +122,7 @@ class CallTask:
             return
         finally:
             del awaitable
+            self._dispatcher._waited(self)  # if it never got as far as a wait
         self._dispatcher._finished(self)
         if not self._cancelled:
             self._dispatcher._answer(event, result)
@@ -136,30 +137,103 @@ class CallTask:
         return f"<CallTask {self.method}{' cancelled' if self._cancelled else ''}>"
 
 
-class Dispatcher:
-    """Runs the calls one connection's peer makes, and answers every one (see the module docstring)."""
+class _FirstWait:
+    """Awaits *awaitable* as ``await`` would, calling *on_wait* the first time it waits (or ends).
 
-    def __init__(self, broker: Broker) -> None:
+    This is how the dispatcher knows a call's method has run up to its first
+    wait, in whatever runtime runs it: the next call may start then.
+    """
+
+    __slots__ = ("_awaitable", "_on_wait")
+
+    def __init__(self, awaitable: Awaitable[Any], on_wait: Callable[[], object]) -> None:
+        self._awaitable = awaitable
+        self._on_wait = on_wait
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        steps = self._awaitable.__await__()
+        del self._awaitable
+        try:
+            value = steps.send(None)
+        except StopIteration as done:
+            return done.value
+        finally:
+            self._on_wait()
+        # From here on, exactly what ``yield from steps`` does (PEP 380).
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                steps.close()
+                raise
+            except BaseException as error:
+                try:
+                    value = steps.throw(error)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    value = steps.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
+class Dispatcher:
+    """Runs the calls one connection's peer makes, and answers every one (see the module docstring).
+
+    *spawn* runs a coroutine in a task of the adapter's runtime and returns a
+    function that cancels that task: ``lambda c: loop.create_task(c).cancel``
+    for asyncio, ``lambda c: driver.spawn(c).cancel`` with no loop.
+    """
+
+    def __init__(self, broker: Broker, spawn: Callable[[Coroutine[Any, Any, None]], Callable[[], object]]) -> None:
         self.broker = broker
+        self._spawn = spawn
         #: The async calls running now.
         self.running: set[CallTask] = set()
+        self._queue: collections.deque[CallReceived] = collections.deque()
+        self._starting: CallTask | None = None  # spawned, and not yet at its first wait
+        self._dispatching = False
         broker.notifyOnDisconnect(self._cancel_all)
 
-    def dispatch(self, events: Iterable[Event]) -> list[CallTask]:
-        """Start the calls among *events*, in order; return the async ones, for the adapter to run."""
-        tasks: list[CallTask] = []
-        for event in events:
-            if isinstance(event, CallReceived):
-                task = self.start(event)
-                if task is not None:
-                    tasks.append(task)
-        return tasks
+    @property
+    def queued(self) -> int:
+        """Calls received and not started yet (they wait for an earlier call's first wait)."""
+        return len(self._queue)
 
-    def start(self, event: CallReceived) -> CallTask | None:
-        """Invoke one call: answered now (None returned), or a :class:`CallTask` to run."""
+    def dispatch(self, events: Iterable[Event]) -> None:
+        """Start the calls among *events* in order, after those received before (see the module docstring)."""
+        self._queue.extend(event for event in events if isinstance(event, CallReceived))
+        self._start_queued()
+
+    def _start_queued(self) -> None:
+        if self._dispatching:
+            return  # re-entered from a call spawned (and run up to its first wait) by the loop below
+        self._dispatching = True
+        try:
+            while self._queue and self._starting is None and not self.broker.closed:
+                event = self._queue.popleft()
+                task = self._start(event)
+                if task is None:
+                    continue
+                self._starting = task
+                coroutine = task.run()
+                try:
+                    canceller = self._spawn(coroutine)
+                except Exception as error:  # the runtime is shutting down, say
+                    coroutine.close()
+                    self._starting = None
+                    task._close_unstarted()
+                    self._finished(task)
+                    self._fail(event, error)
+                    continue
+                task._set_canceller(canceller)
+        finally:
+            self._dispatching = False
+
+    def _start(self, event: CallReceived) -> CallTask | None:
+        """Invoke one call: answered now (None returned), or a :class:`CallTask` to spawn."""
         broker = self.broker
-        if broker.closed:
-            return None
         try:
             result = event.invoke()
         except Exception as error:
@@ -212,10 +286,17 @@ class Dispatcher:
         if event.answer_required:
             self.broker.send_error(event.request_id, error)
 
+    def _waited(self, task: CallTask) -> None:
+        if self._starting is task:
+            self._starting = None
+            self._start_queued()
+
     def _finished(self, task: CallTask) -> None:
         self.running.discard(task)
 
     def _cancel_all(self) -> None:
+        self._queue.clear()
+        self._starting = None
         running, self.running = self.running, set()
         for task in running:
             try:

@@ -52,7 +52,9 @@ class BrokerPair:
         self.server = broker_factory(is_client=False, root=server_root, pending_factory=PendingCall, **options)
         self.client = broker_factory(is_client=True, root=client_root, pending_factory=PendingCall, **options)
         self.driver = CoroutineDriver(log_errors=False)
-        self._dispatchers = {self.server: Dispatcher(self.server), self.client: Dispatcher(self.client)}
+        self._dispatchers = {
+            broker: Dispatcher(broker, self.driver.spawn_call) for broker in (self.server, self.client)
+        }
         self.server_events: list[Event] = []
         self.client_events: list[Event] = []
         self.server.connection_made()
@@ -72,11 +74,11 @@ class BrokerPair:
                 if data:
                     moved = True
                     target.receive_data(data)
-                for event in target.events():
-                    log.append(event)
-                    if isinstance(event, CallReceived):
-                        moved = True
-                        self.driver.start_calls(self._dispatchers[target].dispatch([event]))
+                events = target.events()
+                log.extend(events)
+                if any(isinstance(event, CallReceived) for event in events):
+                    moved = True
+                    self._dispatchers[target].dispatch(events)
                 if self.driver.run_ready():
                     moved = True
             if not moved:

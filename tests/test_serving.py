@@ -465,5 +465,65 @@ def test_dispatcher_starts_nothing_on_a_closed_broker() -> None:
     pair.server.receive_data(data)
     events = pair.server.events()
     pair.server.connection_lost(None)
-    assert Dispatcher(pair.server).dispatch(events) == []
+    Dispatcher(pair.server, pair.driver.spawn_call).dispatch(events)
     assert not server.forever
+
+
+def test_a_call_starts_only_once_the_async_call_before_it_has_waited() -> None:
+    # A runtime that runs tasks later (as asyncio does): the call after an async one waits
+    # for its first wait, so the long polls are registered before the post that wakes them.
+    class Board(Root):
+        def __init__(self) -> None:
+            self.log: list[str] = []
+            self.waiters: list[PendingCall] = []
+
+        async def remote_poll(self, n: int) -> str:
+            self.log.append(f"poll {n}")
+            waiter = PendingCall()
+            self.waiters.append(waiter)
+            result: str = await waiter
+            return result
+
+        def remote_post(self) -> int:
+            self.log.append("post")
+            for waiter in self.waiters:
+                waiter.resolve("news")
+            return len(self.waiters)
+
+    board = Board()
+    pair = BrokerPair(server_root=board)
+    later: list[Any] = []
+    driver = CoroutineDriver()
+
+    def run_later(coroutine: Any) -> Any:
+        later.append(coroutine)
+        return lambda: None
+
+    dispatcher = Dispatcher(pair.server, run_later)
+    root = pair.client.root()
+    polls = [root.callRemote("poll", n) for n in range(2)]
+    post = root.callRemote("post")
+    pair.server.receive_data(pair.client.data_to_send())
+    dispatcher.dispatch(pair.server.events())
+    assert board.log == [] and dispatcher.queued == 2 and len(later) == 1
+    while later:
+        driver.spawn(later.pop(0))
+    assert board.log == ["poll 0", "poll 1", "post"]
+    driver.run_ready()
+    pair.client.receive_data(pair.server.data_to_send())
+    assert post.unwrap() == 2 and [p.unwrap() for p in polls] == ["news", "news"]
+
+
+def test_a_call_the_runtime_cannot_spawn_is_an_error_answer() -> None:
+    pair, _, root = pair_with_server()
+
+    def refuse(coroutine: Any) -> Any:
+        raise RuntimeError("the nursery is closed")
+
+    dispatcher = Dispatcher(pair.server, refuse)
+    pending = root.callRemote("async_raise")
+    pair.server.receive_data(pair.client.data_to_send())
+    dispatcher.dispatch(pair.server.events())
+    pair.client.receive_data(pair.server.data_to_send())
+    assert isinstance(pending.error, CopiedFailure) and "nursery is closed" in pending.error.value
+    assert not dispatcher.running

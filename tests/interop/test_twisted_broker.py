@@ -86,8 +86,8 @@ class Connection:
 
     def __init__(self, ours: Broker, theirs: Any) -> None:
         self.ours = ours
-        self.dispatcher = Dispatcher(ours)
         self.driver = CoroutineDriver()
+        self.dispatcher = Dispatcher(ours, self.driver.spawn_call)
         self.theirs = theirs
         self.transport = testing.StringTransport()
         self.events: list[Any] = []
@@ -111,7 +111,7 @@ class Connection:
                 if not isinstance(event, CallReceived):
                     self.events.append(type(event).__name__ if not isinstance(event, DecRefReceived) else event)
                 else:
-                    self.driver.start_calls(self.dispatcher.dispatch([event]))
+                    self.dispatcher.dispatch([event])
                     moved = True
             if self.driver.run_ready():
                 moved = True

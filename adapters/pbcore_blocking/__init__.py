@@ -14,12 +14,14 @@
     server.close()
 
 Each connection has one background reader thread: it reads the socket, feeds
-the broker and runs the calls the peer makes on our objects, one after the
-other, in that thread. The broker is used, and its output written, under the
-connection's lock, by whichever thread has something to send; the holder sends
-what is queued before it lets go. :meth:`BlockingConnection.call` blocks the
-calling thread until the answer arrives (or the timeout expires: the call is
-then cancelled and a late answer dropped); it waits without holding the lock.
+the broker and hands the calls the peer makes to the core's
+:class:`~pbcore.serving.Dispatcher`, which runs them in that thread, one after
+the other, and answers every one. The broker is used, and its output written,
+under the connection's lock, by whichever thread has something to send; the
+holder sends what is queued before it lets go. :meth:`BlockingConnection.call`
+blocks the calling thread until the answer arrives (or the timeout expires:
+the call is then cancelled and a late answer dropped); it waits without
+holding the lock. ``timeout=None`` means no timeout, as for sockets.
 
 A reference collected by the garbage collector, in any thread, queues a decref
 and wakes its connection up. The wake-up never waits for a lock: it sends at
@@ -29,55 +31,73 @@ looks at the flag once more after releasing the lock. So a collection in a
 thread holding another connection's lock cannot deadlock, and one in the
 thread holding the same connection's lock cannot re-enter the broker or
 reorder its output. A failed write only shuts the socket down (a wake-up
-must not run disconnect callbacks): the reader thread reports the loss.
+must not run disconnect callbacks): the reader thread reports the loss. The
+broker wakes its connection up once more when it closes (the application
+called ``broker.connection_lost``, or a peer went over MAX_BROKER_REFS): the
+flush then finds it closed and shuts the socket down at once.
 
 The blocking adapter has no event loop. A coroutine method (``async def``)
-may await PB calls over its own connection (calling back the peer's
-objects): the reader thread runs it up to that ``await``, serves other
-calls meanwhile, and runs it on when the answer arrives. One that awaits
-anything else (an event loop, a PB call over another connection) gets an
-error answer instead. A method must not make *blocking* calls over its own
-connection (the reader thread that would deliver the answer is the one
-running it): that raises RuntimeError.
+runs in a :class:`~pbcore.driver.CoroutineDriver` that accepts only PB calls
+over its own connection: it may await calls back to the peer's objects (the
+reader thread runs it up to that ``await``, serves other calls meanwhile,
+and runs it on when the answer arrives). One that awaits anything else (an
+event loop, a PB call over another connection) has a RuntimeError thrown in
+at that ``await``, which becomes its error answer. A method must not make
+*blocking* calls over its own connection (the reader thread that would
+deliver the answer is the one running it): that raises RuntimeError.
 
-Known limits: a served method runs holding its connection's lock, so other
-threads using that connection wait while it runs (a decref collected
-meanwhile goes out when it returns). A wake-up that finds the lock free
-writes in the collecting thread, so it may wait (up to the write timeout)
-for a peer that does not read.
+Known limits: a served method runs in the reader thread holding its
+connection's lock, so a slow one holds up its connection, and other threads
+using that connection wait while it runs (a decref collected meanwhile goes
+out when it returns). A running method cannot be interrupted: closing a
+connection (or the server) shuts its socket down at once, so the peer sees
+the end at once, but waits at most JOIN_TIMEOUT for the method to return
+before giving up on that thread (the broker closes when it returns). A
+wake-up that finds the lock free writes in the collecting thread, so it may
+wait (up to the write timeout, for ever with ``timeout=None``) for a peer
+that does not read. Over TLS the reader reads holding the lock (an SSL
+object is not safe to use from two threads at once), so a peer that stops
+in the middle of a TLS record holds up that connection's writers the same
+way.
 
-All the protocol lives in :mod:`pbcore`; this module only moves bytes, runs
-calls (:func:`pbcore.broker.serve_call`) and wires the broker's wake-up.
+All the protocol and the call policy live in :mod:`pbcore`; this module only
+moves bytes, hands calls to the dispatcher, steps coroutines through the
+driver and wires the broker's wake-up.
 """
 
 from __future__ import annotations
 
-import collections
+import logging
 import select
 import socket
 import ssl as ssl_module
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import Any, TypeVar
 
-from pbcore.broker import Broker, PendingCall, serve_call
+from pbcore.broker import Broker, PendingCall
+from pbcore.driver import CoroutineDriver
 from pbcore.errors import PBConnectionLost, ProtocolError
-from pbcore.events import CallReceived
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import RemoteReference
+from pbcore.serving import Dispatcher
 
 __all__ = ["BlockingConnection", "BlockingServer", "connect", "serve"]
 
 T = TypeVar("T")
 
+log = logging.getLogger("pbcore.blocking")
+
 #: How long close() waits for a thread to finish.
 JOIN_TIMEOUT = 5.0
 #: How often blocked loops look at their stop flag.
 POLL_INTERVAL = 0.2
+#: The accept loop's back-off after a failed accept: from the first figure, doubling up to the second.
+ACCEPT_BACKOFF = (0.1, 1.0)
 _READ_SIZE = 65536
 
 
@@ -89,11 +109,26 @@ class _Pending(PendingCall):
         self.connection = connection
 
 
+class _RunDriver(CoroutineDriver):
+    """Runs one coroutine for :meth:`BlockingConnection.run`, remembering the call it waits for."""
+
+    def __init__(self, connection: BlockingConnection) -> None:
+        super().__init__(connection._owns, log_errors=False)  # run() raises what the coroutine raises
+        self.waiting: PendingCall | None = None
+
+    def accepts(self, pending: PendingCall) -> bool:
+        if not super().accepts(pending):
+            return False
+        self.waiting = pending  # cancelled if it is not answered in time
+        return True
+
+
 class BlockingConnection:
     """One PB connection driven by a reader thread; usable from any thread.
 
-    *timeout* bounds each socket write and is the default timeout of
-    :meth:`call`, :meth:`root` and :meth:`login`.
+    *timeout* (seconds, or None for no timeout) bounds each socket write and
+    is the default timeout of :meth:`call`, :meth:`root`, :meth:`run` and
+    :meth:`login`.
     """
 
     def __init__(
@@ -101,12 +136,14 @@ class BlockingConnection:
         sock: socket.socket,
         factory: PBClientFactory | PBServerFactory,
         *,
-        timeout: float = 30.0,
+        timeout: float | None = 30.0,
         tls_handshake: bool = False,
         on_close: Callable[[BlockingConnection], object] | None = None,
     ) -> None:
         self._sock = sock
         self.timeout = timeout
+        #: The peer's address (``sock.getpeername()``), also ``broker.peer``.
+        self.peer: Any = sock.getpeername()
         self._tls = isinstance(sock, ssl_module.SSLSocket)
         self._tls_handshake = tls_handshake
         self._on_close = on_close
@@ -119,16 +156,19 @@ class BlockingConnection:
         # Waiters sleep on their own lock, not the connection's, so that only
         # _hold() releases the connection's lock (and looks at the flag then).
         self._changed = threading.Condition()
-        # Served coroutines whose PB call has settled, to run on from _run_events.
-        self._resumable: collections.deque[tuple[CallReceived, Generator[Any, None, None]]] = collections.deque()
         self._closed = False
         self._stopping = False
+        self._busy = False  # the reader is serving what it read
         self._factory = factory
         self._reader = threading.Thread(target=self._read_loop, name="pbcore-blocking-reader", daemon=True)
-        options: dict[str, Any] = {"pending_factory": self._new_pending, "wake_up": self._wake_up}
+        options: dict[str, Any] = {"pending_factory": self._new_pending, "wake_up": self._wake_up, "peer": self.peer}
         if isinstance(factory, PBClientFactory):
             options["close"] = self.close
         self.broker: Broker = factory.make_broker(**options)
+        # Runs the served coroutines (in the reader thread): they may await only this connection's calls.
+        self._driver = CoroutineDriver(self._owns)
+        #: Runs the calls the peer makes (in the reader thread).
+        self.dispatcher = Dispatcher(self.broker, self._driver.spawn_call)
 
     # -- public API -----------------------------------------------------------------
 
@@ -150,30 +190,46 @@ class BlockingConnection:
         return pending.unwrap()
 
     def run(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
-        """Run a coroutine that awaits PB calls (``await ref.callRemote(...)``) to completion.
+        """Run a coroutine that awaits PB calls over this connection (``await ref.callRemote(...)``) to completion.
 
-        *timeout* bounds each call it waits for.
+        *timeout* (default: the connection's) bounds each call it waits for;
+        awaiting anything else throws RuntimeError into the coroutine.
         """
-        steps = awaitable.__await__()
+        self._check_thread()
+        limit = self._limit(timeout)
+        driver = _RunDriver(self)
+        with self._hold():
+            task = driver.spawn(awaitable)
+            driver.run_ready()
         try:
-            while True:
+            while not task.done:
+                self._wait_for(lambda: driver.ready > 0 or self._closed, limit)
                 with self._hold():
-                    try:
-                        waiting = steps.send(None)
-                    except StopIteration as done:
-                        return done.value  # type: ignore[no-any-return]
-                if not isinstance(waiting, PendingCall):
-                    raise RuntimeError(f"awaited {waiting!r}: the blocking adapter can only wait for PB calls")
-                self._wait(waiting, timeout)
+                    if not driver.ready:
+                        waiting = driver.waiting
+                        if not self._closed:
+                            if waiting is not None:
+                                self.broker.cancel(waiting)  # a late answer is dropped
+                            raise TimeoutError("the PB call was not answered in time")
+                        if waiting is not None:
+                            waiting.fail(PBConnectionLost(self.broker.close_reason))
+                        if not driver.ready:
+                            raise PBConnectionLost(self.broker.close_reason)
+                    driver.run_ready()
         finally:
-            steps.close()
+            if not task.done:
+                with self._hold():
+                    task.cancel()
+        if task.error is not None:
+            raise task.error
+        return task.result  # type: ignore[no-any-return]
 
     def root(self, timeout: float | None = None) -> RemoteReference:
         """The peer's root object, once the handshake is done."""
         self._check_thread()
-        self._wait_for(lambda: self.broker.ready or self._closed or self.broker.closed, timeout)
+        self._wait_for(lambda: self.broker.ready or self._closed or self.broker.closed, self._limit(timeout))
         with self._hold():
-            if self.broker.ready:
+            if self.broker.ready and not self.broker.closed:
                 return self.broker.root()
             if self._closed or self.broker.closed:
                 raise PBConnectionLost(self.broker.close_reason)
@@ -186,14 +242,26 @@ class BlockingConnection:
 
     def close(self) -> None:
         """Close the connection: pending calls fail with PBConnectionLost; waits for the reader."""
-        self._stopping = True  # no lock: the reader may be busy running a call
-        with suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+        self._close(JOIN_TIMEOUT)
+
+    def _close(self, join_timeout: float) -> None:
+        self._shut()  # no lock: the reader may be busy running a call
+        if self._owner == threading.get_ident():
+            # Holding the lock (a coroutine run() is stepping closes it): the
+            # reader could not finish; close now, and it finds the broker closed.
+            self._lost(None)
+            return
         if self._reader.is_alive() and self._reader is not threading.current_thread():
-            self._reader.join(JOIN_TIMEOUT)
+            self._reader.join(join_timeout)
             if self._reader.is_alive():
-                return  # still running a call: it closes the broker when that call returns
+                log.warning("%s: a served call is still running; the connection closes when it returns", self._who())
+                return
         self._lost(None)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until the connection is closed (at most *timeout* seconds; None: for ever); whether it is."""
+        self._wait_for(lambda: self._closed, timeout)
+        return self._closed
 
     def __enter__(self) -> BlockingConnection:
         return self
@@ -205,6 +273,9 @@ class BlockingConnection:
 
     # -- internals --------------------------------------------------------------------
 
+    def _who(self) -> str:
+        return f"peer {self.peer}"
+
     def _client_factory(self) -> PBClientFactory:
         if not isinstance(self._factory, PBClientFactory):
             raise RuntimeError("login() is for client connections")
@@ -213,6 +284,13 @@ class BlockingConnection:
     def start(self) -> None:
         """Start the reader thread (the server's offer is sent from it)."""
         self._reader.start()
+
+    def _owns(self, pending: PendingCall) -> bool:
+        """Whether *pending* is a call over this connection (what its coroutines may await)."""
+        return isinstance(pending, _Pending) and pending.connection is self
+
+    def _limit(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
 
     @contextmanager
     def _hold(self) -> Iterator[None]:
@@ -247,6 +325,9 @@ class BlockingConnection:
         self._flagged = False  # before taking the output: a later wake-up flags again
         if self._closed:
             return
+        if self.broker.closed:
+            self._shut()  # it closed itself: the peer sees the end now, the reader reports it
+            return
         data = self.broker.data_to_send()
         if not data:
             return
@@ -256,9 +337,13 @@ class BlockingConnection:
             # Only stop here (this may be a finalizer): the reader reports the loss.
             if self._failure is None:
                 self._failure = error
-            self._stopping = True
-            with suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+            self._shut()
+
+    def _shut(self) -> None:
+        """Stop the reader and shut the socket down (from any thread, holding the lock or not)."""
+        self._stopping = True
+        with suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def _wake_up(self) -> None:
         # The broker's hook, called from any thread, in any state (a finalizer's
@@ -271,14 +356,21 @@ class BlockingConnection:
             self._changed.notify_all()
 
     def _wait_for(self, condition: Callable[[], bool], timeout: float | None) -> None:
-        """Wait, not holding the connection's lock, until *condition* holds or the timeout."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        """Wait, not holding the connection's lock, until *condition* holds or *timeout* (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while not condition():
+                if deadline is None:
+                    self._changed.wait()
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
                 self._changed.wait(remaining)
+
+    def _idle(self) -> bool:
+        """Whether no call of the peer's is running (none being served, no coroutine waiting)."""
+        return self._closed or not (self._busy or self.dispatcher.running or self.dispatcher.queued)
 
     def _check_thread(self) -> None:
         if threading.current_thread() is self._reader:
@@ -286,7 +378,7 @@ class BlockingConnection:
 
     def _wait(self, pending: PendingCall, timeout: float | None) -> None:
         self._check_thread()
-        self._wait_for(lambda: pending.done or self._closed, timeout)
+        self._wait_for(lambda: pending.done or self._closed, self._limit(timeout))
         with self._hold():
             if pending.done:
                 return
@@ -310,21 +402,31 @@ class BlockingConnection:
                     continue
                 if not data:
                     break
-                with self._hold():
-                    try:
-                        self.broker.receive_data(data)
-                    except ProtocolError as error:
-                        reason = error  # the broker has closed: close this connection only
-                        self._run_events()
-                        break
-                    self._run_events()
+                self._busy = True
+                try:
+                    with self._hold():
+                        try:
+                            self.broker.receive_data(data)
+                        except ProtocolError as error:
+                            reason = error  # the broker has closed (and logged why): close this connection only
+                            break
+                        self._serve()
+                finally:
+                    self._busy = False  # after the flush: the answers are out
                     self._notify()
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError: the socket was closed meanwhile
+            reason = error
+        except Exception as error:
+            log.exception("%s: the reader failed; closing the connection", self._who())
             reason = error
         finally:
-            with suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+            self._shut()
             self._lost(self._failure if self._failure is not None else reason)
+
+    def _serve(self) -> None:
+        # Holding the lock: start the calls that arrived, resume the coroutines their answers woke.
+        self.dispatcher.dispatch(self.broker.events())
+        self._driver.run_ready()
 
     def _receive(self) -> bytes | None:
         """Bytes read, b"" at end of file, None if nothing yet (timeout)."""
@@ -349,50 +451,17 @@ class BlockingConnection:
     def _new_pending(self) -> _Pending:
         return _Pending(self)
 
-    def _run_events(self) -> None:
-        # In the reader thread, holding the lock.
-        for event in self.broker.events():
-            if isinstance(event, CallReceived):
-                rest = serve_call(self.broker, event)
-                if rest is not None:
-                    self._step(event, rest.__await__())
-        while self._resumable:
-            self._step(*self._resumable.popleft())
-
-    def _step(self, event: CallReceived, steps: Generator[Any, None, None]) -> None:
-        """Run a served coroutine until it finishes (it has answered) or waits again."""
-        try:
-            waiting = steps.send(None)
-        except StopIteration:
-            return
-        if isinstance(waiting, _Pending) and waiting.connection is self:
-            # Settled by this reader (an answer, or the connection's loss), which
-            # then resumes the coroutine from _run_events.
-            def resume(_: object) -> None:
-                self._resumable.append((event, steps))
-
-            waiting.add_callbacks(resume, resume)
-            return
-        steps.close()
-        if event.answer_required and not self.broker.closed:
-            self.broker.send_error(
-                event.request_id,
-                RuntimeError(
-                    f"{event.method}: a method served by the blocking adapter can wait only for"
-                    " PB calls over its own connection"
-                ),
-            )
-
     def _lost(self, reason: BaseException | None) -> None:
         with self._hold():
             first = not self._closed
-            self.broker.connection_lost(reason)
-            self._run_events()
+            self.broker.connection_lost(reason)  # the dispatcher cancels the calls still running
+            self._serve()
             self._closed = True
             self._notify()
         if first:
             with suppress(OSError):
                 self._sock.close()
+            log.debug("%s: connection closed (%s)", self._who(), "no reason given" if reason is None else reason)
             if self._on_close is not None:
                 self._on_close(self)
 
@@ -402,14 +471,14 @@ def connect(
     host: str,
     port: int,
     *,
-    timeout: float = 30.0,
+    timeout: float | None = 30.0,
     ssl_context: ssl_module.SSLContext | None = None,
     server_hostname: str | None = None,
 ) -> BlockingConnection:
     """Connect *factory* to a PB server over TCP (TLS with *ssl_context*); the connection.
 
-    *timeout* bounds connecting and each write, and is the default timeout of
-    the connection's blocking calls.
+    *timeout* (None: no timeout) bounds connecting and each write, and is the
+    default timeout of the connection's blocking calls.
     """
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
@@ -424,11 +493,14 @@ def connect(
     except BaseException:
         sock.close()
         raise
+    log.debug("%s: connected", connection._who())
     connection.start()
     return connection
 
 
-def _set_send_timeout(sock: socket.socket, timeout: float) -> None:
+def _set_send_timeout(sock: socket.socket, timeout: float | None) -> None:
+    if timeout is None:
+        return  # the default: writes wait as long as it takes
     seconds = int(timeout)
     micros = int((timeout - seconds) * 1_000_000)
     with suppress(OSError, AttributeError):
@@ -436,14 +508,19 @@ def _set_send_timeout(sock: socket.socket, timeout: float) -> None:
 
 
 class BlockingServer:
-    """A listening socket, an accept thread and one reader thread per connection."""
+    """A listening socket, an accept thread and one reader thread per connection.
+
+    ``port`` is the bound port, ``addresses`` the listener's socket names,
+    ``connections`` the live connections. :meth:`close` stops it (``with``
+    does on exit); :meth:`serve_forever` blocks until it is closed.
+    """
 
     def __init__(
         self,
         factory: PBServerFactory,
         listener: socket.socket,
         ssl_context: ssl_module.SSLContext | None,
-        timeout: float,
+        timeout: float | None,
     ) -> None:
         self.factory = factory
         self._listener = listener
@@ -451,66 +528,125 @@ class BlockingServer:
         self._timeout = timeout
         self._lock = threading.Lock()
         self._closing = False
+        self._stopping = threading.Event()  # close() has begun
+        self._done = threading.Event()  # close() has finished
         #: The open connections.
         self.connections: set[BlockingConnection] = set()
-        self.port: int = listener.getsockname()[1]
+        #: Every listener's socket name.
+        self.addresses: list[Any] = [listener.getsockname()]
+        #: The (first) listener's port.
+        self.port: int = self.addresses[0][1]
         listener.settimeout(POLL_INTERVAL)
         self._acceptor = threading.Thread(target=self._accept_loop, name="pbcore-blocking-accept", daemon=True)
         self._acceptor.start()
 
     def _accept_loop(self) -> None:
+        backoff = 0.0
         while not self._closing:
             try:
-                sock, _ = self._listener.accept()
+                sock, address = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                break
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self._ssl_context is not None:
-                    sock.settimeout(self._timeout)
-                    sock = self._ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                else:
-                    sock.settimeout(None)
-                    _set_send_timeout(sock, self._timeout)
-                connection = BlockingConnection(
-                    sock,
-                    self.factory,
-                    timeout=self._timeout,
-                    tls_handshake=self._ssl_context is not None,
-                    on_close=self._forget,
+            except Exception as error:  # EMFILE, ENOBUFS, ECONNABORTED...: the next accept may work
+                if self._closing or self._listener.fileno() == -1:
+                    break  # the listener is closed
+                backoff = min(ACCEPT_BACKOFF[1], 2 * backoff) if backoff else ACCEPT_BACKOFF[0]
+                log.warning(
+                    "accepting a connection failed (%s); trying again in %.1f s",
+                    error,
+                    backoff,
+                    exc_info=not isinstance(error, OSError),
                 )
-            except Exception:
-                sock.close()
+                self._stopping.wait(backoff)
                 continue
-            with self._lock:
-                refused = self._closing
-                if not refused:
-                    self.connections.add(connection)
-            if refused:
-                sock.close()
-                break
+            backoff = 0.0
+            try:
+                self._start(sock, address)
+            except Exception:  # never lose the accept thread
+                log.exception("setting up the connection from %s failed; closed it", address)
+                with suppress(OSError):
+                    sock.close()
+
+    def _start(self, sock: socket.socket, address: Any) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl_context is not None:
+                sock.settimeout(self._timeout)
+                sock = self._ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            else:
+                sock.settimeout(None)
+                _set_send_timeout(sock, self._timeout)
+            connection = BlockingConnection(
+                sock,
+                self.factory,
+                timeout=self._timeout,
+                tls_handshake=self._ssl_context is not None,
+                on_close=self._forget,
+            )
+        except Exception:
+            log.warning("setting up the connection from %s failed; closed it", address, exc_info=True)
+            sock.close()
+            return
+        with self._lock:
+            refused = self._closing
+            if not refused:
+                self.connections.add(connection)
+        if refused:
+            connection.close()
+            return
+        log.debug("%s: accepted", connection._who())
+        try:
             connection.start()
+        except Exception:  # no thread to be had
+            log.warning("%s: starting the connection's reader failed; closed it", connection._who(), exc_info=True)
+            connection.close()
 
     def _forget(self, connection: BlockingConnection) -> None:
         with self._lock:
             self.connections.discard(connection)
 
-    def close(self) -> None:
-        """Stop accepting, close every connection and wait (bounded) for the threads."""
+    def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; wait up to *grace* seconds for the calls running to finish; close every connection.
+
+        Returns when it is done (a call that does not return is waited for at
+        most JOIN_TIMEOUT; its peer sees the end at once all the same).
+        """
         with self._lock:
-            self._closing = True
-            connections = list(self.connections)
-        with suppress(OSError):
-            self._listener.close()
-        if self._acceptor is not threading.current_thread():
-            self._acceptor.join(JOIN_TIMEOUT)
-        for connection in connections:
+            closing, self._closing = self._closing, True
+        if closing:
+            if not self._runs_in(threading.current_thread()):
+                self._done.wait()  # being closed by another thread: done when it is
+            return
+        self._stopping.set()
+        try:
             with suppress(OSError):
-                connection._sock.shutdown(socket.SHUT_RDWR)
-        for connection in connections:
-            connection.close()
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor where the platform allows
+            if self._acceptor is not threading.current_thread():
+                self._acceptor.join(JOIN_TIMEOUT)
+            with suppress(OSError):
+                self._listener.close()
+            with self._lock:
+                connections = list(self.connections)
+            deadline = time.monotonic() + grace
+            for connection in connections:
+                connection._wait_for(connection._idle, max(0.0, deadline - time.monotonic()))
+            for connection in connections:
+                connection._shut()  # every peer sees the end now
+            deadline = time.monotonic() + JOIN_TIMEOUT
+            for connection in connections:
+                connection._close(max(0.0, deadline - time.monotonic()))
+        finally:
+            self._done.set()
+
+    def _runs_in(self, thread: threading.Thread) -> bool:
+        """Whether *thread* is one of this server's own (the acceptor, a reader)."""
+        with self._lock:
+            readers = [connection._reader for connection in self.connections]
+        return thread is self._acceptor or thread in readers
+
+    def serve_forever(self) -> None:
+        """Block until the server is closed (from another thread)."""
+        self._done.wait()
 
     def __enter__(self) -> BlockingServer:
         return self
@@ -527,12 +663,12 @@ def serve(
     port: int = 0,
     *,
     ssl_context: ssl_module.SSLContext | None = None,
-    timeout: float = 30.0,
     backlog: int = 128,
+    timeout: float | None = 30.0,
 ) -> BlockingServer:
     """Serve *factory* on TCP (TLS with *ssl_context*) in background threads; the server.
 
-    *timeout* bounds each write to a peer (and TLS handshakes).
+    *timeout* (None: no timeout) bounds each write to a peer (and TLS handshakes).
     """
     listener = socket.create_server((host, port), backlog=backlog)
     try:

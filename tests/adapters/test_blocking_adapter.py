@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
+import logging
+import os
 import socket
 import ssl
 import threading
@@ -22,7 +25,7 @@ from pbcore.broker import Broker
 from pbcore.cred import Anonymous, UsernamePassword
 from pbcore.errors import PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
-from pbcore.flavors import CopiedFailure, RemoteReference
+from pbcore.flavors import MAX_BROKER_REFS, CopiedFailure, RemoteReference
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import login_factory
 
@@ -125,7 +128,7 @@ def test_a_method_waiting_for_another_connection_gets_an_error(server: pbcore_bl
         with pytest.raises(CopiedFailure) as caught:
             second.call(second.root(), "ask_kept", 5)
         assert caught.value.check(RuntimeError)
-        assert "can wait only for PB calls over its own connection" in caught.value.value
+        assert "can wait only for PB calls" in caught.value.value  # the driver accepts only its own connection's
         assert second.call(second.root(), "echo", 1) == [[1], {}]
 
 
@@ -311,3 +314,365 @@ def test_a_peer_that_stops_reading_is_dropped_after_the_write_timeout() -> None:
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):
         sock.sendall(data)
+
+
+def in_thread(target: Callable[[], Any]) -> Callable[[], Any]:
+    """Run *target* in a daemon thread; a function that joins it (bounded) and returns or raises its outcome.
+
+    So a test of a thing that may wait for ever (a timeout of None) fails instead of hanging.
+    """
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("value", target()))
+        except BaseException as error:  # handed to the test
+            outcome.append(("error", error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join() -> Any:
+        thread.join(TIMEOUT)
+        assert outcome, "still waiting"
+        kind, value = outcome[0]
+        if kind == "error":
+            raise value
+        return value
+
+    return join
+
+
+# -- timeout=None ------------------------------------------------------------------------
+
+
+def test_no_timeout_on_either_side() -> None:
+    with pbcore_blocking.serve(PBServerFactory(Service()), "127.0.0.1", 0, timeout=None) as server:
+        # A client with a timeout, so that a server dropping the connection fails the test.
+        with connect(server.port) as bounded:
+            assert bounded.call(bounded.root(), "echo", 1) == [[1], {}]
+        connection = pbcore_blocking.connect(PBClientFactory(), "127.0.0.1", server.port, timeout=None)
+        with connection:
+            assert connection.timeout is None
+
+            def calls() -> Any:
+                root = connection.root()  # no timeout: waits as long as it takes
+                return connection.call(root, "echo", 2), connection.call(root, "sleep", 0.1)
+
+            assert in_thread(calls)() == ([[2], {}], "slept")
+        assert connection.wait_closed(TIMEOUT)
+
+
+def test_login_with_no_timeout() -> None:
+    with (
+        pbcore_blocking.serve(login_factory(), "127.0.0.1", 0, timeout=None) as server,
+        pbcore_blocking.connect(PBClientFactory(), "127.0.0.1", server.port, timeout=None) as connection,
+    ):
+        avatar = in_thread(lambda: connection.login(UsernamePassword("alice", "secret")))()
+        assert in_thread(lambda: connection.call(avatar, "hello"))() == "hello alice"
+
+
+# -- the accept loop ---------------------------------------------------------------------
+
+
+def test_accept_errors_are_logged_and_the_server_keeps_serving(
+    server: pbcore_blocking.BlockingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pbcore.blocking")
+    accept = socket.socket.accept
+    failures = 3
+
+    def failing_accept(sock: socket.socket) -> tuple[socket.socket, Any]:
+        nonlocal failures
+        if failures and sock.fileno() != -1 and sock.getsockname() == server.addresses[0]:
+            failures -= 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return accept(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", failing_accept)
+    assert wait_until(lambda: failures == 0)
+    with connect(server.port) as connection:  # waited in the backlog: accepted once accept works again
+        assert connection.call(connection.root(), "echo", 1) == [[1], {}]
+    logged = [
+        record for record in caplog.records if record.name == "pbcore.blocking" and "open files" in record.message
+    ]
+    assert len(logged) == 3
+    assert all(record.levelno == logging.WARNING for record in logged)
+
+
+def test_a_connection_that_cannot_be_set_up_is_closed_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="pbcore.blocking")
+
+    class Flaky(PBServerFactory):
+        fail = 1
+
+        def make_broker(self, **options: Any) -> Broker:
+            if self.fail:
+                self.fail -= 1
+                raise RuntimeError("no broker today")
+            return super().make_broker(**options)
+
+    with pbcore_blocking.serve(Flaky(Service()), "127.0.0.1", 0) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
+            assert raw.recv(4096) == b""  # closed, with no offer
+        with connect(server.port) as connection:  # the next one is served
+            assert connection.call(connection.root(), "echo", 1) == [[1], {}]
+    logged = [record for record in caplog.records if record.name == "pbcore.blocking"]
+    assert any("setting up the connection" in record.message and record.exc_info for record in logged)
+
+
+# -- the broker closing itself -----------------------------------------------------------
+
+
+class HangUp(Root):
+    def rootObject(self, broker: Broker) -> Any:
+        return HangUpRoot(broker)
+
+
+class HangUpRoot(Referenceable):
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def remote_hang_up(self) -> str:
+        self.broker.connection_lost()  # the application closes the connection
+        return "never sent"
+
+    def remote_things(self, n: int) -> list[Thing]:
+        return [Thing(i) for i in range(n)]
+
+
+def test_a_served_method_closing_its_broker_closes_the_socket() -> None:
+    with pbcore_blocking.serve(PBServerFactory(HangUp()), "127.0.0.1", 0) as server:
+        with connect(server.port) as connection:
+            with pytest.raises(PBConnectionLost):
+                connection.call(connection.root(), "hang_up")  # the end of file, not the timeout
+            assert connection.wait_closed(TIMEOUT)
+        assert wait_until(lambda: not server.connections)
+
+
+def test_a_client_closing_its_broker_closes_the_socket(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        connection.root()
+        assert wait_until(lambda: len(server.connections) == 1)
+        connection.broker.connection_lost()  # from the application's thread, not holding the lock
+        assert wait_until(lambda: not server.connections)  # the server saw the end of file
+        assert wait_until(lambda: connection.closed)
+
+
+def test_a_peer_over_max_broker_refs_a_fourth_time_is_dropped() -> None:
+    with pbcore_blocking.serve(PBServerFactory(HangUp()), "127.0.0.1", 0) as server:
+        with connect(server.port) as connection:
+            root = connection.root()
+            for _ in range(3):
+                with pytest.raises(CopiedFailure) as caught:
+                    connection.call(root, "things", MAX_BROKER_REFS + 1)
+                assert "Maximum PB reference count exceeded" in str(caught.value)
+            with pytest.raises(PBConnectionLost):
+                connection.call(root, "things", MAX_BROKER_REFS + 1)  # the end of file, not the timeout
+            assert connection.wait_closed(TIMEOUT)
+        assert wait_until(lambda: not server.connections)
+
+
+# -- the shape: peer, logging, wait_closed, serve_forever --------------------------------
+
+
+def test_peers_and_logging(server: pbcore_blocking.BlockingServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="pbcore.blocking")
+    assert server.addresses[0][1] == server.port
+    connection = connect(server.port)
+    with connection:
+        connection.root()
+        assert connection.peer == ("127.0.0.1", server.port)
+        assert connection.broker.peer == connection.peer
+        assert wait_until(lambda: len(server.connections) == 1)
+        (served,) = server.connections
+        here = connection._sock.getsockname()
+        assert served.peer == here
+        assert served.broker.peer == here
+        assert served.dispatcher.broker is served.broker
+    assert connection.wait_closed(0)
+    assert wait_until(lambda: not server.connections)
+    messages = [record.message for record in caplog.records if record.name == "pbcore.blocking"]
+    assert any("accepted" in message and str(here) in message for message in messages)
+    assert sum("closed" in message and str(here) in message for message in messages) >= 1
+    assert any("closed" in message and str(connection.peer) in message for message in messages)
+
+
+def test_wait_closed_times_out(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        assert connection.wait_closed(0.05) is False
+    assert connection.wait_closed() is True
+
+
+def test_serve_forever_returns_once_closed() -> None:
+    server = pbcore_blocking.serve(PBServerFactory(Service()), "127.0.0.1", 0)
+    with server:
+        serving = in_thread(server.serve_forever)
+        with connect(server.port) as connection:
+            assert connection.call(connection.root(), "echo", 1) == [[1], {}]
+            closer = in_thread(server.close)
+            assert connection.wait_closed(TIMEOUT)
+            closer()
+            serving()  # returned
+    server.serve_forever()  # closed already: returns at once
+
+
+# -- server.close(grace) -----------------------------------------------------------------
+
+
+class Busy(Root):
+    """Calls that run until the test releases them."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.outcomes: list[str] = []
+
+    def remote_block(self) -> str:
+        self.started.set()
+        self.release.wait(TIMEOUT)  # a plain method: it runs in the reader thread
+        self.outcomes.append("returned")
+        return "released"
+
+    async def remote_ask(self, ref: RemoteReference) -> Any:
+        self.started.set()
+        try:
+            return await ref.callRemote("answer")  # waits for the client
+        except GeneratorExit:
+            self.outcomes.append("cancelled")
+            raise
+
+
+class Answers(Referenceable):
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
+
+    def remote_answer(self) -> str:
+        self.release.wait(TIMEOUT)  # in the client's reader thread
+        return "answered"
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_close_with_idle_connections() -> None:
+    server = pbcore_blocking.serve(PBServerFactory(Service()), "127.0.0.1", 0)
+    connections = [connect(server.port) for _ in range(3)]
+    for connection in connections:
+        connection.root()
+    assert wait_until(lambda: len(server.connections) == 3)
+    server.close(grace=TIMEOUT)  # nothing running: no waiting for the grace
+    assert not server.connections
+    assert all(connection.wait_closed(TIMEOUT) for connection in connections)
+    assert refuses_connections(server.port)
+    server.close()  # again: nothing to do
+
+
+@pytest.mark.parametrize("method", ["block", "ask"])
+def test_close_waits_for_running_calls_within_the_grace(method: str) -> None:
+    busy = Busy()
+    server = pbcore_blocking.serve(PBServerFactory(busy), "127.0.0.1", 0)
+    connection = connect(server.port)
+    root = connection.root()
+    idle = connect(server.port)
+    idle.root()
+    args = [] if method == "block" else [Answers(busy.release)]
+    answer = in_thread(lambda: connection.call(root, method, *args))
+    assert busy.started.wait(TIMEOUT)
+    closer = in_thread(lambda: server.close(grace=2 * TIMEOUT))
+    assert wait_until(lambda: refuses_connections(server.port))  # stopped accepting at once
+    assert not connection.closed and not idle.closed  # waiting for the call
+    busy.release.set()
+    assert answer() == ("released" if method == "block" else "answered")
+    closer()
+    assert not server.connections
+    assert connection.wait_closed(TIMEOUT) and idle.wait_closed(TIMEOUT)
+    assert busy.outcomes == (["returned"] if method == "block" else [])
+
+
+@pytest.mark.parametrize("method", ["block", "ask"])
+def test_close_after_a_short_grace_closes_busy_connections(method: str) -> None:
+    busy = Busy()
+    server = pbcore_blocking.serve(PBServerFactory(busy), "127.0.0.1", 0)
+    connection = connect(server.port)
+    root = connection.root()
+    client_release = threading.Event()
+    args = [] if method == "block" else [Answers(client_release)]
+    answer = in_thread(lambda: connection.call(root, method, *args))
+    assert busy.started.wait(TIMEOUT)
+    closer = in_thread(lambda: server.close(grace=0.1))
+    if method == "block":
+        # The plain method cannot be interrupted; its client sees the end at once all the same.
+        with pytest.raises(PBConnectionLost):
+            answer()
+        assert not busy.outcomes
+        busy.release.set()  # it returns, and its connection closes
+        closer()
+        assert busy.outcomes == ["returned"]
+    else:
+        closer()  # the served coroutine is cancelled
+        assert busy.outcomes == ["cancelled"]
+        client_release.set()  # the client's own method returns
+        with pytest.raises(PBConnectionLost):
+            answer()
+    assert not server.connections
+    assert connection.wait_closed(TIMEOUT)
+
+
+# -- run() ---------------------------------------------------------------------------------
+
+
+def test_run_timeout_cancels_the_call(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        root = connection.root()
+
+        async def slow() -> Any:
+            return await root.callRemote("sleep", 1.0)
+
+        with pytest.raises(TimeoutError):
+            connection.run(slow(), timeout=0.1)
+        assert connection.broker.calls_in_flight == 0
+
+        async def two() -> Any:
+            return [await root.callRemote("echo", 1), await root.callRemote("quick")]
+
+        assert connection.run(two()) == [[[1], {}], "quick"]
+
+
+def test_run_refuses_other_awaitables(server: pbcore_blocking.BlockingServer) -> None:
+    with connect(server.port) as connection:
+        root = connection.root()
+
+        async def sleeps() -> Any:
+            try:
+                await asyncio.sleep(0)
+            except RuntimeError as error:  # thrown in at the await
+                return ["refused", str(error), await root.callRemote("echo", 1)]
+            return "slept"
+
+        refused, message, echoed = connection.run(sleeps())
+        assert refused == "refused" and "can wait only for PB calls" in message
+        assert echoed == [[1], {}]
+
+
+def test_a_coroutine_run_may_disconnect(
+    server: pbcore_blocking.BlockingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pbcore.blocking")
+    factory = PBClientFactory()
+    connection = pbcore_blocking.connect(factory, "127.0.0.1", server.port, timeout=TIMEOUT)
+
+    async def echo_then_disconnect() -> Any:
+        echoed = await (await factory.getRootObject()).callRemote("echo", 1)
+        factory.disconnect()  # closes the connection from inside run(), holding its lock
+        return echoed
+
+    assert connection.run(echo_then_disconnect()) == [[1], {}]
+    assert connection.closed  # at once: not left to the reader, which was waiting for the lock
+    assert not [record for record in caplog.records if record.name == "pbcore.blocking"]
+    assert wait_until(lambda: not server.connections)

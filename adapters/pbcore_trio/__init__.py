@@ -1,53 +1,60 @@
-"""pbcore over trio: ``serve()`` and ``open_connection()`` (TCP, TLS, unix sockets).
+"""pbcore over trio: ``serve()``, ``open_server()`` and ``open_connection()`` (TCP, TLS, unix sockets).
 
 ::
 
     import pbcore, pbcore_trio, trio
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(pbcore_trio.serve, pbcore.PBServerFactory(MyRoot()), "127.0.0.1", 0)
+        async with pbcore_trio.open_server(pbcore.PBServerFactory(MyRoot())) as server:
             factory = pbcore.PBClientFactory()
             async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
                 root = await factory.getRootObject()
                 with trio.fail_after(5):
                     print(await root.callRemote("echo", "hello"))
-            server.close()
 
-``serve`` is nursery friendly: ``await nursery.start(serve, ...)`` returns a
-:class:`Server` once it is listening (``server.port`` is the bound port,
-``server.listeners`` trio's listeners, ``server.connections`` the live
-:class:`Connection` objects); it serves until cancelled or
-:meth:`Server.close`, and each connection runs in its own task. A call's result
-is a :class:`PendingResult` that trio awaits; cancelling the awaiting task
-(``trio.move_on_after``, ``trio.fail_after``) forgets the call, so a late
-answer is dropped. Remote methods may be ``async`` (trio code): a plain
-method is answered at once, an async one goes on in a task of its own, so a
-slow method does not hold up the others.
+The shape is the one every adapter has (docs/adapters.md). ``async with
+open_server(factory, host, port) as server`` serves until the block ends;
+``await nursery.start(serve, factory, host, port)`` hands the same
+:class:`Server` to a nursery of yours and serves until :meth:`Server.close`
+or cancelled. ``server.port`` is the bound port, ``server.addresses`` every
+listener's address, ``server.connections`` the live :class:`Connection`
+objects; ``server.close(grace)`` stops accepting at once, lets the calls
+running finish for up to *grace* seconds, then closes every connection. Each
+connection runs in a task of its own, and nothing it raises reaches the
+server: an application bug costs at most its own connection (logged under
+``pbcore.trio``).
+
+Calls run through :class:`pbcore.serving.Dispatcher`, which starts them in
+arrival order, answers every outcome, refuses a call past
+``Limits.max_running_calls`` instead of queueing it, and cancels the calls
+still running when the connection ends. Remote methods may be ``async``
+(trio code): a plain method is answered at once; an async one goes on in a
+task of its own (in a cancel scope the dispatcher can cancel), started before
+the next call is invoked, so it runs up to its first ``await`` in arrival
+order, as under Twisted. A call's result is a :class:`PendingResult` that trio
+awaits; cancelling the awaiting task (``trio.move_on_after``,
+``trio.fail_after``) forgets the call, so a late answer is dropped.
 
 This is also the adapter for anyio applications on the trio backend (they run
 on trio, so everything here works unchanged under ``anyio.run(...,
-backend="trio")``). An anyio application on the asyncio backend uses
-``pbcore_asyncio`` instead.
+backend="trio")``).
 
 Memory stays bounded when a peer stops reading: bytes go out through the
 stream's ``send_all`` up to :data:`HIGH_WATER` at a time, and while more than
-:data:`HIGH_WATER` bytes wait to be written this side stops reading from the
-peer and starts no new call; at most :data:`MAX_CONCURRENT_CALLS` async calls
-of one connection run at once (the next waits, and so does reading). A peer that
-sends garbage gets its own connection closed; the others go on. (Back-pressure
-has its price: two peers that both send more than they read, beyond
-:data:`HIGH_WATER` and the sockets' buffers, wait for each other for ever;
-likewise a connection with :data:`MAX_CONCURRENT_CALLS` calls all waiting for
-answers that come after the next call. Bound such waits with
-``trio.fail_after``.)
+:data:`HIGH_WATER` bytes wait to be written this side stops reading from that
+peer (the calls already read still start: see :mod:`pbcore.serving` for why a
+call never waits). A peer that sends garbage gets its own connection closed;
+the others go on. When the broker closes itself (the application called its
+``connection_lost``, or a peer asked for too many references), nothing more is
+read, what was queued before goes out (for up to :data:`CLOSE_TIMEOUT`
+seconds) and the socket is closed.
 
 Ordering is Twisted's: calls are invoked in the order they arrived, and a task
 awaiting an answer wakes up only after the calls that arrived before that
 answer (a cache's ``observe_`` update, say) have been invoked.
 
-All the protocol lives in :mod:`pbcore`; this module moves bytes, runs calls
-with :func:`pbcore.broker.serve_call` and wires the broker's wake-up to trio.
+All the protocol lives in :mod:`pbcore`; this module moves bytes, runs what the
+dispatcher hands it, and wires the broker's wake-up to trio.
 """
 
 from __future__ import annotations
@@ -63,20 +70,20 @@ from typing import Any
 
 import trio
 
-from pbcore.broker import Broker, serve_call
+from pbcore.broker import Broker
 from pbcore.errors import ProtocolError
-from pbcore.events import CallReceived
 from pbcore.factory import PBClientFactory, PBServerFactory
+from pbcore.serving import Dispatcher
 
 __all__ = [
     "CHUNK",
     "CLOSE_TIMEOUT",
     "HIGH_WATER",
-    "MAX_CONCURRENT_CALLS",
     "Connection",
     "PendingResult",
     "Server",
     "open_connection",
+    "open_server",
     "open_unix_connection",
     "serve",
     "serve_listeners",
@@ -85,17 +92,14 @@ __all__ = [
 
 #: Bytes read at a time.
 CHUNK = 64 * 1024
-#: Above this many unwritten bytes, a connection stops reading and starting calls;
-#: also the most written at once.
+#: Above this many unwritten bytes, a connection stops reading; also the most written at once.
 HIGH_WATER = 256 * 1024
-#: Async calls one connection runs at once; the next one (and reading) waits for a free slot.
-#: Large, because a call may wait for an answer from the peer that is queued behind
-#: the calls that wait for a slot: only past this many such calls does that stall.
-MAX_CONCURRENT_CALLS = 1000
-#: How long :meth:`Connection.aclose` waits for queued bytes to be written.
+#: How long :meth:`Connection.aclose` (and a broker that closed itself) waits for queued bytes to be written.
 CLOSE_TIMEOUT = 5.0
+#: How long accepting pauses after it failed (out of file descriptors, say).
+ACCEPT_RETRY = 0.1
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pbcore.trio")
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -156,23 +160,31 @@ class PendingResult:
 
 
 class Connection:
-    """One PB connection over a trio stream: its broker, a reader, a writer and the calls it runs.
+    """One PB connection over a trio stream: its broker and dispatcher, a reader, a writer and the calls it runs.
 
     :meth:`run` serves it until EOF, a stream error, bad input from the peer
-    (a ProtocolError: only this connection closes) or :meth:`close`; then the
-    calls still waiting fail with PBConnectionLost, the calls still running are
-    cancelled and the stream is closed.
+    (a ProtocolError: only this connection closes), :meth:`close`, or the
+    broker closing itself; then the calls still waiting fail with
+    PBConnectionLost, the calls still running are cancelled and the stream is
+    closed. ``peer`` (also ``broker.peer``) is the peer's address.
     """
 
-    def __init__(self, stream: trio.abc.Stream, make_broker: Callable[..., Broker]) -> None:
+    def __init__(self, stream: trio.abc.Stream, make_broker: Callable[..., Broker], peer: Any = None) -> None:
         self.stream = stream
+        #: The peer's address, as the socket gives it (None if unknown).
+        self.peer = peer
         self._token = trio.lowlevel.current_trio_token()
         self._outgoing = bytearray()
         self._wanted = trio.Event()  # set: the writer has bytes to write
-        self._progress = trio.Event()  # set: the writer wrote a chunk, or the connection stops
-        self._slots = trio.Semaphore(MAX_CONCURRENT_CALLS)
-        self._scope = trio.CancelScope()
+        self._progress = trio.Event()  # set (and replaced) by the writer after each chunk; set when stopping
+        self._calls_done = trio.Event()  # set (and replaced) when the last served call running ends
+        self._call_started = trio.Event()  # set (and replaced) when a spawned call takes its first step
+        self._unstarted = 0  # calls spawned that have not taken their first step
+        self._nursery: trio.Nursery | None = None  # where the calls run
+        self._scope = trio.CancelScope()  # everything: closing at once
+        self._reading = trio.CancelScope()  # the reader alone: the broker closed itself
         self._stopping = False
+        self._draining = False
         self._flush_scheduled = False
         # True while our own code drives the broker synchronously and flushes right after.
         self._flush_follows = False
@@ -186,8 +198,10 @@ class Connection:
         #: Why it closed: None for EOF or a local close, else the error.
         self.close_reason: BaseException | None = None
         self.broker = make_broker(
-            pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued
+            pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued, peer=peer
         )
+        #: Runs the calls the peer makes (``dispatcher.running``: the async ones running now).
+        self.dispatcher = Dispatcher(self.broker, self._spawn)
 
     @property
     def backlog(self) -> int:
@@ -209,6 +223,7 @@ class Connection:
         await self.closed.wait()
 
     async def wait_closed(self) -> None:
+        """Wait until the connection is closed."""
         await self.closed.wait()
 
     async def run(self) -> None:
@@ -216,24 +231,36 @@ class Connection:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     self.broker.connection_made()
                     self._flush()
                     nursery.start_soon(self._writer)
-                    await self._reader(nursery)
+                    with self._reading:
+                        await self._reader()
+                    # The broker closed itself: what it queued before goes out, then the socket closes.
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._wait_backlog(0)
+                    self._stop(self.close_reason)
         finally:
             self._stopping = True
-            self.broker.connection_lost(self.close_reason)  # once; pending calls fail
+            self.broker.connection_lost(self.close_reason)  # once; pending calls fail, running ones are cancelled
             self.broker.events()
             self._outgoing.clear()
-            self.closed.set()
-            await trio.aclose_forcefully(self.stream)
+            try:
+                await trio.aclose_forcefully(self.stream)
+            finally:
+                self.closed.set()
+                self._calls_done.set()
+                self._progress.set()
+                log.debug("closed the connection with %s (%s)", self.peer, self.close_reason or "no error")
 
     # -- inside --------------------------------------------------------------------------------
 
     def _stop(self, reason: BaseException | None) -> None:
         if not self._stopping:
             self._stopping = True
-            self.close_reason = reason
+            if not self._draining:
+                self.close_reason = reason
             self._progress.set()
             self._scope.cancel()
 
@@ -262,12 +289,14 @@ class Connection:
                 self._token.run_sync_soon(self._scheduled_flush)
 
     def _output_queued(self) -> None:
-        # The application (a call, a late answer) queued output, and the
-        # broker is consistent: hand it to the writer now, sparing the
-        # wake-up's trip through trio's wake-up socket on every call.
+        # A call, an answer or the broker closing queued output, and the broker
+        # is consistent: hand it to the writer now, sparing the wake-up's trip
+        # through trio's wake-up socket on every call. (Even while a chunk is
+        # handled: an answer taken now still goes out if a later call closes
+        # the broker, which drops what it holds.)
         if threading.get_ident() != self._thread:
             self._wake_up()
-        elif not self._flush_follows:
+        else:
             self._flush()
 
     def _scheduled_flush(self) -> None:
@@ -282,15 +311,28 @@ class Connection:
         if data:
             self._outgoing += data
             self._wanted.set()
-        if self.broker.closed:  # it closed itself (a peer over MAX_BROKER_REFS)
-            self._stop(self.broker.close_reason)
+        if self.broker.closed and not self._draining:
+            # It closed itself (the application called connection_lost, or a peer
+            # went over MAX_BROKER_REFS): read no more; run() writes what is queued and closes.
+            self._draining = True
+            self.close_reason = self.broker.close_reason
+            self._reading.cancel()
 
     async def _wait_backlog(self, limit: int) -> None:
         while len(self._outgoing) > limit and not self._stopping:
-            self._progress = trio.Event()
-            await self._progress.wait()
+            await self._progress.wait()  # the writer sets it, and replaces it, after each chunk
 
-    async def _reader(self, nursery: trio.Nursery) -> None:
+    async def _wait_idle(self) -> None:
+        """Wait until no call of the peer's runs and what is queued is written (or the connection stops)."""
+        while not self._stopping:
+            if self.dispatcher.running:
+                await self._calls_done.wait()
+            elif self._outgoing:
+                await self._wait_backlog(0)
+            else:
+                return
+
+    async def _reader(self) -> None:
         while True:
             await self._wait_backlog(HIGH_WATER)
             try:
@@ -302,63 +344,55 @@ class Connection:
                 self._stop(None)
                 return
             self._held = []
-            self._flush_follows = True
             try:
-                self.broker.receive_data(data if isinstance(data, bytes) else bytes(data))
-            except ProtocolError as error:
-                # The broker has closed (pending calls failed); drop this connection only.
-                log.info("pbcore_trio: closing a connection after bad input: %s", error)
-                self._release_held()
-                self._stop(error)
-                return
-            finally:
-                self._flush_follows = False
-            self._flush()
-            try:
-                await self._start_calls(nursery)
+                self._flush_follows = True
+                try:
+                    self.broker.receive_data(data)
+                except ProtocolError as error:
+                    # The broker has closed (and logged why); drop this connection only.
+                    self._stop(error)
+                    return
+                finally:
+                    self._flush_follows = False
+                await self._start_calls()
             finally:
                 self._release_held()
             self._flush()
 
-    async def _start_calls(self, nursery: trio.Nursery) -> None:
+    async def _start_calls(self) -> None:
         # A function of its own, so that no event (holding a result, which may
-        # be a reference the application has dropped since) outlives the loop.
-        for event in self.broker.events():
-            if not isinstance(event, CallReceived) or self.broker.closed:
-                continue
-            if len(self._outgoing) > HIGH_WATER:
-                self._release_held()  # keep nobody waiting on us while we wait
-                await self._wait_backlog(HIGH_WATER)
-            # The method runs now, in arrival order; a plain result is answered at once.
-            self._flush_follows = True
-            try:
-                rest = serve_call(self.broker, event)
-            finally:
-                self._flush_follows = False
-            if rest is not None:
-                if self._slots.value == 0:
-                    self._release_held()
-                await self._slots.acquire()
-                # start() returns once the coroutine has run up to its first
-                # checkpoint, so async methods also begin in arrival order.
-                await nursery.start(self._finish_call, rest, event.method)
-            self._flush()
-
-    async def _finish_call(
-        self,
-        rest: Coroutine[Any, Any, None],
-        method: str,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        task_status.started()
+        # be a reference the application has dropped since) outlives the call.
+        self._flush_follows = True
         try:
-            await rest
-        except Exception:  # serve_call answers what methods raise: this is a failure to answer
-            log.exception("pbcore_trio: could not answer a call of %s", method)
+            self.dispatcher.dispatch(self.broker.events())  # a plain method is answered now
         finally:
-            self._slots.release()
-            self._flush()
+            self._flush_follows = False
+        self._flush()
+        # The dispatcher starts the next call once an async one has run up to its
+        # first wait: the results held wake up only once every call read has.
+        while self._unstarted and not self._stopping:
+            await self._call_started.wait()
+
+    def _spawn(self, call: Coroutine[Any, Any, None]) -> Callable[[], object]:
+        # The dispatcher's way to run an async call: a task of this connection's,
+        # in a cancel scope of its own, the dispatcher's to cancel.
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._nursery.start_soon(self._run_call, call, scope)
+        self._unstarted += 1
+        return scope.cancel
+
+    async def _run_call(self, call: Coroutine[Any, Any, None], scope: trio.CancelScope) -> None:
+        self._unstarted -= 1
+        self._call_started.set()  # the reader runs after this step, when the call has reached its first wait
+        self._call_started = trio.Event()
+        try:
+            with scope:
+                await call  # answers (the broker's on_output hands the answer to the writer)
+        finally:
+            if not self.dispatcher.running:
+                self._calls_done.set()
+                self._calls_done = trio.Event()
 
     async def _writer(self) -> None:
         while True:
@@ -373,30 +407,166 @@ class Connection:
                     return
                 del self._outgoing[: len(chunk)]
                 self._progress.set()
+                self._progress = trio.Event()
+
+
+def _socket_of(obj: Any) -> Any:
+    """The trio socket under a stream or listener (under TLS, the transport's), or None."""
+    inner = getattr(obj, "transport_stream", None) or getattr(obj, "transport_listener", None) or obj
+    return getattr(inner, "socket", None)
+
+
+def _peer_of(stream: trio.abc.Stream) -> Any:
+    sock = _socket_of(stream)
+    try:
+        return (sock.getpeername() or None) if sock is not None else None  # a unix client may have no name
+    except OSError:
+        return None
 
 
 # -- servers ---------------------------------------------------------------------------------
 
 
 class Server:
-    """What :func:`serve` hands to ``nursery.start``: its listeners and live connections."""
+    """A listening PB server (what :func:`serve` hands to ``nursery.start`` and :func:`open_server` yields).
 
-    def __init__(self, listeners: list[trio.abc.Listener[trio.abc.Stream]]) -> None:
+    ``port``, ``addresses``, ``listeners`` (trio's), ``connections`` (the live
+    :class:`Connection` objects); :meth:`close` / :meth:`wait_closed` /
+    :meth:`aclose` stop it, ``async with server:`` closes it on exit.
+    """
+
+    def __init__(self, factory: PBServerFactory, listeners: list[trio.abc.Listener[trio.abc.Stream]]) -> None:
         self.listeners = listeners
         self.connections: set[Connection] = set()
-        self._scope = trio.CancelScope()
+        self._factory = factory
+        self._nursery: trio.Nursery | None = None
+        self._accepting = trio.CancelScope()
+        self._grace: trio.CancelScope | None = None  # set once closing: its deadline ends the grace
+        self._closed = trio.Event()
+        self._addresses = [_socket_of(listener).getsockname() for listener in listeners]
 
     @property
     def port(self) -> int:
         """The port of the first listener (TCP only): the bound one when asked for port 0."""
-        listener: Any = self.listeners[0]
-        listener = getattr(listener, "transport_listener", listener)  # under trio.SSLListener
-        port: int = listener.socket.getsockname()[1]
+        address = self._addresses[0]
+        if not isinstance(address, tuple):
+            raise ValueError(f"the server listens on {address!r}, which has no port")
+        port: int = address[1]
         return port
 
-    def close(self) -> None:
-        """Stop listening and close every connection (serve() then returns)."""
-        self._scope.cancel()
+    @property
+    def addresses(self) -> list[Any]:
+        """Every listener's socket name (still known once closed)."""
+        return list(self._addresses)
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop accepting now, let running calls finish for up to *grace* seconds, then close every connection.
+
+        Returns at once (:meth:`wait_closed` waits for the end). Called again
+        while closing, a shorter *grace* ends the wait sooner.
+        """
+        if self._closed.is_set() or self._nursery is None:
+            return
+        deadline = trio.current_time() + grace
+        if self._grace is not None:
+            self._grace.deadline = min(self._grace.deadline, deadline)
+            return
+        self._grace = trio.CancelScope(deadline=deadline)
+        self._accepting.cancel()
+        for listener in self.listeners:
+            sock = _socket_of(listener)
+            if sock is not None:
+                sock.close()  # at once: a connection attempt from now on is refused
+        self._nursery.start_soon(self._shut, self._grace)
+
+    async def wait_closed(self) -> None:
+        """Wait until the server is closed: no listener, no connection left."""
+        await self._closed.wait()
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        """:meth:`close`, then :meth:`wait_closed`."""
+        self.close(grace)
+        await self.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Wait until the server is closed (it serves from the start: this only waits)."""
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- inside --------------------------------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._accept_all)
+                task_status.started(self)
+        finally:
+            self._closed.set()
+
+    async def _accept_all(self) -> None:
+        with self._accepting:
+            async with trio.open_nursery() as nursery:
+                for listener in self.listeners:
+                    nursery.start_soon(self._accept, listener)
+
+    async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except trio.ClosedResourceError:
+                    return  # closed by close()
+                except OSError as error:
+                    log.warning("accepting a connection failed: %s", error)
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
+                if self._grace is not None or self._nursery is None:
+                    await trio.aclose_forcefully(stream)
+                    return
+                self._nursery.start_soon(self._serve_connection, stream)
+        finally:
+            await trio.aclose_forcefully(listener)
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        # Nothing this connection raises may reach the server's nursery: an
+        # application bug (a rootObject that raises, say) costs this connection only.
+        peer = _peer_of(stream)
+        connection: Connection | None = None
+        try:
+            log.debug("accepted a connection from %s", peer)
+            connection = Connection(stream, self._factory.make_broker, peer)
+            self.connections.add(connection)
+            await connection.run()
+        except Exception:
+            log.exception("the connection from %s failed; the server goes on", peer)
+        except BaseException as error:
+            split = getattr(error, "split", None)  # a BaseExceptionGroup: bugs along with Cancelled
+            if split is None:
+                raise
+            bugs, rest = split(Exception)
+            if bugs is None:
+                raise
+            log.error("the connection from %s failed; the server goes on", peer, exc_info=bugs)
+            if rest is not None:
+                raise rest from None
+        finally:
+            if connection is None:
+                await trio.aclose_forcefully(stream)
+            else:
+                self.connections.discard(connection)
+
+    async def _shut(self, grace: trio.CancelScope) -> None:
+        with grace:
+            for connection in list(self.connections):
+                await connection._wait_idle()
+        for connection in list(self.connections):
+            connection.close()
 
 
 async def serve_listeners(
@@ -406,24 +576,11 @@ async def serve_listeners(
     ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve *factory* on listeners you made (TLS over them with *ssl_context*)."""
+    """Serve *factory* on listeners you made (TLS over them with *ssl_context*) until closed or cancelled."""
     if ssl_context is not None:
         listeners = [trio.SSLListener(listener, ssl_context, https_compatible=False) for listener in listeners]
-    server = Server(listeners)
-
-    async def handle(stream: trio.abc.Stream) -> None:
-        connection = Connection(stream, factory.make_broker)
-        server.connections.add(connection)
-        try:
-            await connection.run()
-        finally:
-            server.connections.discard(connection)
-
     try:
-        with server._scope:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(functools.partial(trio.serve_listeners, handle, listeners, handler_nursery=nursery))
-                task_status.started(server)
+        await Server(factory, listeners)._run(task_status=task_status)
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
@@ -431,16 +588,44 @@ async def serve_listeners(
 
 async def serve(
     factory: PBServerFactory,
-    host: str | None,
-    port: int,
+    host: str | None = "127.0.0.1",
+    port: int = 0,
     *,
     ssl_context: ssl.SSLContext | None = None,
-    backlog: int | None = None,
+    backlog: int = 128,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve *factory* on TCP *host*:*port* (port 0: a free one; TLS with *ssl_context*) until cancelled."""
+    """Serve *factory* on TCP *host*:*port* (port 0: a free one; TLS with *ssl_context*) until closed or cancelled.
+
+    ``server = await nursery.start(serve, factory, host, port)``; *host* None listens on every interface.
+    """
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
     await serve_listeners(factory, list(listeners), ssl_context=ssl_context, task_status=task_status)
+
+
+@contextlib.asynccontextmanager
+async def open_server(
+    factory: PBServerFactory,
+    host: str | None = "127.0.0.1",
+    port: int = 0,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    backlog: int = 128,
+) -> AsyncIterator[Server]:
+    """Serve *factory* for the duration of the block (see :func:`serve`); the server closes on exit."""
+    raised: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            functools.partial(serve, factory, host, port, ssl_context=ssl_context, backlog=backlog)
+        )
+        try:
+            yield server
+        except BaseException as error:
+            raised = error  # raised again outside the nursery, so that it is not wrapped in an ExceptionGroup
+        finally:
+            server.close()
+    if raised is not None:
+        raise raised
 
 
 async def serve_unix(
@@ -478,7 +663,9 @@ async def _client(factory: PBClientFactory, stream: trio.abc.Stream) -> AsyncIte
     def make_broker(**options: Any) -> Broker:
         return factory.make_broker(close=close, **options)
 
-    connection = Connection(stream, make_broker)
+    peer = _peer_of(stream)
+    log.debug("connected to %s", peer)
+    connection = Connection(stream, make_broker, peer)
     raised: BaseException | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)

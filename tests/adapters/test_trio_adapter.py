@@ -4,6 +4,7 @@ anyio, against itself (against real Twisted peers: tests/interop/test_tcp_matrix
 from __future__ import annotations
 
 import gc
+import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,8 @@ import pbcore_trio
 import pytest
 import trio
 
-from pbcore import Root
+from pbcore import Copyable, Root
+from pbcore.banana import Limits
 from pbcore.broker import Broker
 from pbcore.cred import (
     Anonymous,
@@ -24,7 +26,8 @@ from pbcore.cred import (
 )
 from pbcore.errors import DeadReferenceError, Error, NoSuchMethod, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
-from pbcore.flavors import CopiedFailure
+from pbcore.flavors import MAX_BROKER_REFS, CopiedFailure
+from pbcore.serving import TooManyCalls
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import (
     CounterCache,
@@ -46,6 +49,13 @@ class TrioShared(Shared):
         super().__init__()
         self.hanging = trio.Event()
         self.hang_cancelled = False
+        self.hangs = 0
+        self.order: list[Any] = []
+
+
+class NoState(Copyable):
+    def getStateToCopy(self) -> Any:
+        raise RuntimeError("the application's getStateToCopy bug")
 
 
 class TrioPeerRoot(PeerRoot):
@@ -56,11 +66,37 @@ class TrioPeerRoot(PeerRoot):
         return "late"
 
     async def remote_hang(self) -> None:
+        self.shared.hangs += 1
         self.shared.hanging.set()
         try:
             await trio.sleep_forever()
         finally:
             self.shared.hang_cancelled = True
+
+    def remote_big_padded(self, size: int, pad: bytes) -> bytes:
+        return self.remote_big(size)
+
+    async def remote_record(self, n: Any) -> Any:
+        self.shared.order.append(n)  # before the first await
+        await trio.sleep(0)
+        return n
+
+    def remote_order(self) -> list[Any]:
+        return self.shared.order
+
+    def remote_no_state(self) -> NoState:
+        return NoState()
+
+    def remote_raising_notifier(self) -> None:
+        def notifier() -> None:
+            raise RuntimeError("the application's disconnect notifier bug")
+
+        self.broker.notifyOnDisconnect(notifier)
+
+    async def remote_close_me(self) -> None:
+        await trio.sleep(0)
+        self.broker.connection_lost(None)  # the application closes its connection, from a task
+        await trio.sleep_forever()  # cancelled: the connection has ended
 
 
 class TrioPeerRootMaker(Root):
@@ -332,8 +368,11 @@ def test_a_peer_sending_garbage_is_dropped_and_the_others_go_on() -> None:
     run(body)
 
 
-def test_a_peer_that_never_reads_makes_the_server_wait_not_buffer() -> None:
-    size, calls = 500_000, 200
+def test_a_peer_that_never_reads_makes_the_server_stop_reading_not_buffer() -> None:
+    # Calls padded so that one read brings only a few: the calls already read all
+    # start (a call never waits), but nothing more is read while the backlog is high.
+    size, calls, pad = 500_000, 200, 10_000
+    calls_per_read = pbcore_trio.CHUNK // pad + 1
 
     async def body() -> None:
         maker = TrioPeerRootMaker()
@@ -345,20 +384,23 @@ def test_a_peer_that_never_reads_makes_the_server_wait_not_buffer() -> None:
                 broker.receive_data(bytes(await raw.receive_some(65536)))
                 await raw.send_all(broker.data_to_send())
             for _ in range(calls):
-                broker.root().callRemote("big", size)
-            await raw.send_all(broker.data_to_send())  # and never read again
-            await trio.sleep(0.5)
-            connection = the_connection(server)
-            served = maker.shared.big_calls
-            assert served < calls  # it stopped reading and running calls ...
-            assert connection.backlog <= pbcore_trio.HIGH_WATER + size + 100  # ... and buffers a bounded amount
-            await trio.sleep(0.2)
-            assert maker.shared.big_calls == served  # still waiting, not growing
+                broker.root().callRemote("big_padded", size, b"p" * pad)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(raw.send_all, broker.data_to_send())  # and never read
+                await until(lambda: maker.shared.big_calls > 0)
+                await trio.sleep(0.5)
+                connection = the_connection(server)
+                served = maker.shared.big_calls
+                assert served < calls // 2  # it stopped reading ...
+                assert connection.backlog <= pbcore_trio.HIGH_WATER + calls_per_read * (size + 100)  # ... bounded
+                await trio.sleep(0.2)
+                assert maker.shared.big_calls == served  # still waiting, not growing
 
-            factory = PBClientFactory()  # the server still serves others
-            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
-                root = await factory.getRootObject()
-                assert await root.callRemote("echo", 1) == [[1], {}]
+                factory = PBClientFactory()  # the server still serves others
+                async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                    root = await factory.getRootObject()
+                    assert await root.callRemote("echo", 1) == [[1], {}]
+                nursery.cancel_scope.cancel()
             await raw.aclose()
             await until(lambda: not server.connections)
 
@@ -376,9 +418,13 @@ def test_tls(tmp_path: Path) -> None:
             factory = PBClientFactory()
             async with pbcore_trio.open_connection(
                 factory, "127.0.0.1", server.port, ssl_context=client_context, server_hostname="localhost"
-            ):
+            ) as connection:
                 root = await factory.getRootObject()
                 assert await root.callRemote("echo", "secret") == [["secret"], {}]
+                # The peers' addresses, from the sockets under TLS.
+                assert connection.peer == ("127.0.0.1", server.port) == connection.broker.peer
+                local = connection.stream.transport_stream.socket.getsockname()  # type: ignore[attr-defined]
+                assert the_connection(server).peer == local == the_connection(server).broker.peer
                 big = await root.callRemote("big", 300_000)
                 assert big == b"x" * 300_000
             # A client that does not trust the certificate is refused; the server goes on.
@@ -399,6 +445,9 @@ def test_unix_sockets(tmp_path: Path) -> None:
             server: pbcore_trio.Server = await nursery.start(
                 pbcore_trio.serve_unix, PBServerFactory(TrioPeerRootMaker()), path
             )
+            assert server.addresses == [str(path)]
+            with pytest.raises(ValueError):
+                server.port  # noqa: B018
             factory = PBClientFactory()
             async with pbcore_trio.open_unix_connection(factory, path):
                 root = await factory.getRootObject()
@@ -428,3 +477,278 @@ def test_under_anyio_with_the_trio_backend() -> None:
                 server.close()
 
     anyio.run(body, backend="trio")
+
+
+# -- faults, the dispatcher, closing ----------------------------------------------------------------
+
+
+class RaisingRealm(Realm):
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+        interface, avatar, _ = super().requestAvatar(avatar_id, mind, *interfaces)
+
+        def logout() -> None:
+            raise RuntimeError("the application's logout bug")
+
+        return interface, avatar, logout
+
+
+class FirstRootRaises(TrioPeerRootMaker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.made = 0
+
+    def rootObject(self, broker: Any) -> TrioPeerRoot:
+        self.made += 1
+        if self.made == 1:
+            raise RuntimeError("the application's rootObject bug")
+        return super().rootObject(broker)
+
+
+async def read_to_eof(stream: trio.abc.Stream) -> None:
+    try:
+        while await stream.receive_some(65536):
+            pass
+    except trio.BrokenResourceError:
+        pass  # a reset is an end too
+
+
+def test_an_application_bug_never_takes_the_server_down(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        maker = FirstRootRaises()
+        async with serving(PBServerFactory(maker)) as server, serving(login_factory(RaisingRealm())) as login:
+            # The broker of the first connection cannot be made: that connection is closed, and logged.
+            raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await read_to_eof(raw)
+            await raw.aclose()
+            assert [r for r in caplog.records if r.name == "pbcore.trio" and r.levelno == logging.ERROR]
+
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                with pytest.raises(CopiedFailure) as failed:  # a Copyable that cannot give its state
+                    await root.callRemote("no_state")
+                assert failed.value.type == "builtins.RuntimeError"
+                await root.callRemote("raising_notifier")  # runs when this connection closes
+            await until(lambda: not server.connections)
+
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", login.port):
+                alice = await factory.login(UsernamePassword("alice", "secret"))
+                assert await alice.callRemote("hello") == "hello alice"
+            await until(lambda: not login.connections)  # the logout raised
+
+            # Both still serve.
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                assert await root.callRemote("echo", 1) == [[1], {}]
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", login.port):
+                anonymous = await factory.login(Anonymous())
+                assert await anonymous.callRemote("hello") == "hello anonymous"
+
+    run(body)
+
+
+def test_a_broker_that_closes_itself_closes_its_connection_at_once() -> None:
+    async def body() -> None:
+        maker = TrioPeerRootMaker()
+        async with serving(PBServerFactory(maker)) as server:
+            # The application calls connection_lost from a served call's task ...
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
+                root = await factory.getRootObject()
+                with pytest.raises(PBConnectionLost):
+                    await root.callRemote("close_me")
+                await connection.wait_closed()
+            await until(lambda: not server.connections)
+
+            # ... or from a task of its own, while a call runs (it is cancelled).
+            raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+            client = Broker(is_client=True)
+            client.connection_made()
+            while not client.ready:
+                client.receive_data(bytes(await raw.receive_some(65536)))
+                await raw.send_all(client.data_to_send())
+            client.root().callRemote("hang")
+            await raw.send_all(client.data_to_send())  # and never send again
+            await maker.shared.hanging.wait()
+            the_connection(server).broker.connection_lost(None)
+            await read_to_eof(raw)  # the server closed the socket with no further input
+            await raw.aclose()
+            await until(lambda: maker.shared.hang_cancelled and not server.connections)
+
+            # ... or a peer asks for more than MAX_BROKER_REFS references a fourth time.
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
+                root = await factory.getRootObject()
+                results = [root.callRemote("thing", n) for n in range(MAX_BROKER_REFS + 5)]
+                held, refused, lost = [], 0, 0
+                for result in results:
+                    try:
+                        held.append(await result)
+                    except CopiedFailure:
+                        refused += 1
+                    except PBConnectionLost:
+                        lost += 1
+                # The answers sent before the fourth refusal arrive; then the connection closes.
+                assert (len(held), refused, lost) == (MAX_BROKER_REFS, 3, 2)
+                await connection.wait_closed()
+            await until(lambda: not server.connections)
+
+    run(body)
+
+
+def test_async_methods_begin_in_arrival_order_before_the_next_call_runs() -> None:
+    async def body() -> None:
+        maker = TrioPeerRootMaker()
+        async with serving(PBServerFactory(maker)) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                first = root.callRemote("record", 0)
+                seen = root.callRemote("order")  # a plain method, sent right after
+                later = [root.callRemote("record", n) for n in range(1, 50)]
+                assert await seen == [0]  # the async method had begun before the next call ran
+                assert [await first] + [await result for result in later] == list(range(50))
+                assert maker.shared.order == list(range(50))
+
+    run(body)
+
+
+def test_calls_awaiting_their_caller_never_wait_for_a_slot() -> None:
+    # Each call_back awaits a call to the client; past any fixed number of slots, a
+    # slot-bound server would stop reading the answers that free them.
+    async def body() -> None:
+        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                twice = Twice()
+                pending = [root.callRemote("call_back", twice, n) for n in range(1200)]
+                assert [await result for result in pending] == [2 * n for n in range(1200)]
+
+    run(body, timeout=30)
+
+
+def test_calls_past_max_running_calls_are_refused_and_running_calls_cancelled_at_close() -> None:
+    async def body() -> None:
+        maker = TrioPeerRootMaker()
+        async with serving(PBServerFactory(maker, limits=Limits(max_running_calls=5))) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                hanging = [root.callRemote("hang") for _ in range(5)]
+                with pytest.raises(CopiedFailure) as failed:
+                    await root.callRemote("hang")
+                assert failed.value.check(TooManyCalls) is TooManyCalls or "TooManyCalls" in failed.value.type
+                assert maker.shared.hangs == 5
+                assert len(the_connection(server).dispatcher.running) == 5
+                assert await root.callRemote("echo", "plain") == [["plain"], {}]  # plain methods still run
+                the_connection(server).close()
+                for result in hanging:
+                    with pytest.raises(PBConnectionLost):
+                        await result
+            await until(lambda: maker.shared.hang_cancelled and not server.connections)
+
+    run(body)
+
+
+def test_peer_addresses_and_connection_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="pbcore.trio")
+
+    async def body() -> None:
+        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
+            assert server.addresses[0][1] == server.port
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
+                await factory.getRootObject()
+                assert connection.peer == ("127.0.0.1", server.port) == connection.broker.peer
+                assert connection.dispatcher.broker is connection.broker
+                served = the_connection(server)
+                local = connection.stream.socket.getsockname()  # type: ignore[attr-defined]
+                assert served.peer == local == served.broker.peer
+            await served.wait_closed()
+        logged = [r.getMessage() for r in caplog.records if r.name == "pbcore.trio" and r.levelno == logging.DEBUG]
+        assert any("accepted" in m and str(local) in m for m in logged)
+        assert any("closed" in m and str(local) in m for m in logged)
+
+    run(body)
+
+
+async def refused(port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+def test_server_close_with_grace_lets_running_calls_finish_then_closes_every_connection() -> None:
+    async def body() -> None:
+        maker = TrioPeerRootMaker()
+        async with pbcore_trio.open_server(PBServerFactory(maker)) as server:
+            port = server.port
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", port) as connection:
+                root = await factory.getRootObject()
+                slow = root.callRemote("slow", 0.3)
+                await until(lambda: bool(the_connection(server).dispatcher.running))
+                server.close(grace=10)
+                assert await refused(port)  # it stopped accepting at once
+                assert await slow == "late"  # the running call finished ...
+                await connection.wait_closed()  # ... then the connection was closed
+                await server.wait_closed()
+                assert not server.connections
+
+    run(body)
+
+
+def test_server_close_without_grace_cancels_running_calls() -> None:
+    async def body() -> None:
+        maker = TrioPeerRootMaker()
+        async with trio.open_nursery() as nursery:
+            server: pbcore_trio.Server = await nursery.start(pbcore_trio.serve, PBServerFactory(maker))
+            forever_returned = trio.Event()
+
+            async def forever() -> None:
+                await server.serve_forever()
+                forever_returned.set()
+
+            nursery.start_soon(forever)
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
+                root = await factory.getRootObject()
+                hang = root.callRemote("hang")
+                await maker.shared.hanging.wait()
+                await server.aclose(grace=0.1)  # the call does not finish in time
+                with pytest.raises(PBConnectionLost):
+                    await hang
+                await connection.wait_closed()
+            assert maker.shared.hang_cancelled and not server.connections
+            assert await refused(server.port)
+            await forever_returned.wait()
+        # serve() returned once closed, so the nursery could end.
+
+    run(body)
+
+
+def test_async_with_server_closes_on_exit() -> None:
+    async def body() -> None:
+        async with pbcore_trio.open_server(PBServerFactory(TrioPeerRootMaker())) as outer:
+            async with outer as server:
+                assert server is outer
+                factory = PBClientFactory()
+                async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                    root = await factory.getRootObject()
+                    assert await root.callRemote("echo", 2) == [[2], {}]
+            assert await refused(server.port) and not server.connections
+            await server.wait_closed()
+
+        with pytest.raises(KeyError):  # open_server lets an error out as itself
+            async with pbcore_trio.open_server(PBServerFactory(TrioPeerRootMaker())) as server:
+                raise KeyError("mine")
+        await server.wait_closed()
+
+    run(body)

@@ -208,17 +208,15 @@ def run_twisted(scenarios: list[Scenario], repeat: int, nodelay: bool = False) -
 def run_asyncio(scenarios: list[Scenario], repeat: int, loop_factory: Callable[[], Any] | None = None) -> Times:
     async def main() -> Times:
         server = await pbcore_asyncio.serve(pbcore.PBServerFactory(EchoRoot()), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
         factory = pbcore.PBClientFactory()
-        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
         try:
             root = await factory.getRootObject()
             return await drive(lambda value: root.callRemote("echo", value), scenarios, repeat)
         finally:
             connection.close()
             await connection.wait_closed()
-            server.close()
-            await server.wait_closed()
+            await server.aclose()
 
     loop = (loop_factory or asyncio.new_event_loop)()
     try:
@@ -262,18 +260,13 @@ def run_blocking(scenarios: list[Scenario], repeat: int) -> Times:
         server = asyncio.run_coroutine_threadsafe(
             pbcore_asyncio.serve(pbcore.PBServerFactory(EchoRoot()), "127.0.0.1", 0), loop
         ).result()
-        port = server.sockets[0].getsockname()[1]
-        with pbcore_blocking.connect(pbcore.PBClientFactory(), "127.0.0.1", port) as connection:
+        with pbcore_blocking.connect(pbcore.PBClientFactory(), "127.0.0.1", server.port) as connection:
             root = connection.root()
             # connection.run drives the coroutine in this thread: each awaited
             # call blocks until answered; a window's calls are all issued first.
             times: Times = connection.run(drive(lambda value: root.callRemote("echo", value), scenarios, repeat))
 
-        async def stop() -> None:
-            server.close()
-            await server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), loop).result()
+        asyncio.run_coroutine_threadsafe(server.aclose(), loop).result()
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()

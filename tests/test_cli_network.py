@@ -226,11 +226,18 @@ def test_call_a_server_that_requires_login(capsys: pytest.CaptureFixture[str]) -
         assert "No such method: remote_echo" in err
 
 
-def test_serve_stops_on_interrupt() -> None:
-    with pbcore_serve() as (_, process):
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=10)
-        assert (process.returncode, out, err) == (0, "", "")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_stops_on_a_signal_and_closes_its_connections(signum: signal.Signals) -> None:
+    with pbcore_serve() as (port, process), socket.create_connection(("127.0.0.1", port)) as client:
+        client.settimeout(SERVE_TIMEOUT)
+        assert client.recv(100).startswith(b"\x02\x80")  # the dialect offer: the server has this connection
+        process.send_signal(signum)
+        with suppress(ConnectionResetError):
+            while client.recv(100):  # until the server closes it (or the timeout fails the test)
+                pass
+        out, err = process.communicate(timeout=SERVE_TIMEOUT)
+    assert (process.returncode, out) == (0, "")
+    assert err == f"pbcore serve: {signum.name}, closed 1 connection; stopped\n"
 
 
 def test_serve_on_a_busy_port(capsys: pytest.CaptureFixture[str]) -> None:

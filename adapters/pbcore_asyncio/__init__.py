@@ -4,52 +4,65 @@
 
     import pbcore, pbcore_asyncio
 
-    server = await pbcore_asyncio.serve(pbcore.PBServerFactory(MyRoot()), "127.0.0.1", 8787)
-
-    factory = pbcore.PBClientFactory()
-    connection = await pbcore_asyncio.connect(factory, "127.0.0.1", 8787)
-    root = await factory.getRootObject()
-    print(await root.callRemote("echo", "hello"))
-    connection.close()
+    async with await pbcore_asyncio.serve(pbcore.PBServerFactory(MyRoot())) as server:
+        factory = pbcore.PBClientFactory()
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port):
+            root = await factory.getRootObject()
+            print(await root.callRemote("echo", "hello"))
 
 A call's result is an :class:`asyncio.Future`; ``asyncio.wait_for(ref.callRemote(...),
 timeout)`` and task cancellation cancel it, and a late answer is dropped.
-Remote methods may be ``async``: each call runs in its own task. This is
-also the adapter for anyio applications on the asyncio backend (on trio, use
-``pbcore_trio``). It uses only the event loop's public API, so it runs on
-uvloop too.
+Remote methods may be ``async``: each served call runs in a task of its own,
+which is cancelled if its connection ends first. This is also the adapter for
+anyio applications on the asyncio backend. It uses only the event loop's
+public API, so it runs on uvloop too.
 
-All the protocol lives in :mod:`pbcore`; this module only moves bytes, runs
-calls (:func:`pbcore.broker.serve_call`) and wires the broker's wake-up to the
-loop.
+The protocol and the call policy live in :mod:`pbcore` (the rules are in
+docs/adapters.md): this module moves bytes, runs the calls
+:class:`pbcore.serving.Dispatcher` hands it, closes, and keeps track of a
+server's connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import ssl as ssl_module
+import logging
+import os
+import ssl
 import threading
 from collections.abc import Callable, Coroutine
+from types import TracebackType
 from typing import Any, cast
 
-from pbcore.broker import Broker, serve_call
+from pbcore.broker import Broker
 from pbcore.errors import ProtocolError
 from pbcore.events import CallReceived
 from pbcore.factory import PBClientFactory, PBServerFactory
+from pbcore.serving import Dispatcher
 
 __all__ = [
-    "MAX_CONCURRENT_CALLS",
+    "CLOSE_TIMEOUT",
     "READ_SIZE",
     "WRITE_SIZE",
-    "PBProtocol",
+    "Connection",
     "PendingFuture",
+    "Server",
     "connect",
     "connect_unix",
     "serve",
     "serve_unix",
 ]
+
+log = logging.getLogger("pbcore.asyncio")
+
+#: Bytes read at most at once, into one buffer reused for the connection's life.
+READ_SIZE = 64 * 1024
+#: Answers collected while serving a batch of calls are written once they reach this.
+WRITE_SIZE = 64 * 1024
+#: Seconds a closed connection may take to hand its last bytes to a peer that
+#: does not read them before the socket is dropped.
+CLOSE_TIMEOUT = 5.0
 
 
 class PendingFuture(asyncio.Future[Any]):
@@ -64,98 +77,186 @@ class PendingFuture(asyncio.Future[Any]):
             self.set_exception(error)
 
 
-#: Calls one connection runs at once; more wait their turn.
-MAX_CONCURRENT_CALLS = 32
+class Connection(asyncio.BufferedProtocol):
+    """One PB connection, client or server side: ``.broker``, ``.dispatcher``, ``.peer``.
 
+    ``close()`` closes it at once (pending calls fail with PBConnectionLost,
+    served calls still running are cancelled); ``await wait_closed()``;
+    ``async with connection:`` closes on exit.
 
-#: Bytes read at most at once, into one buffer reused for the connection's life.
-READ_SIZE = 64 * 1024
-#: Answers collected while running a batch of calls are written once they reach this.
-WRITE_SIZE = 64 * 1024
-
-
-class PBProtocol(asyncio.BufferedProtocol):
-    """One PB connection: feeds the broker, runs calls, writes what it has to send.
-
-    Memory stays bounded when the peer stops reading: while the transport's
-    write buffer is over its high-water mark, no waiting call is started and
-    nothing more is read, and at most :data:`MAX_CONCURRENT_CALLS` calls run.
+    Back-pressure: while the transport's write buffer is over its high-water
+    mark (the peer does not read what it is sent), nothing more is read from
+    that peer.
     """
 
-    def __init__(self, make_broker: Callable[..., Broker]) -> None:
+    def __init__(self, make_broker: Callable[..., Broker], server: Server | None = None) -> None:
         self._make_broker = make_broker
+        self._server = server
         self._loop = asyncio.get_running_loop()
-        self.broker: Broker | None = None
-        self.transport: asyncio.Transport | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._waiting_calls: collections.deque[CallReceived] = collections.deque()
-        self._paused = False
-        self._flush_scheduled = False
         self._loop_thread = threading.get_ident()
+        self.transport: asyncio.Transport | None = None
+        #: The peer's address (``transport.get_extra_info("peername")``), also ``broker.peer``.
+        self.peer: Any = None
+        self._broker: Broker | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._busy = False  # feeding the broker: its output is flushed at the end
+        self._flush_scheduled = False
+        self._idle: asyncio.Future[None] | None = None  # set once no served call runs
+        self._abort: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] = self._loop.create_future()
         # A buffer of our own: asyncio's default reads allocate (and glibc may
         # map and unmap) a fresh 256 KiB buffer for every read.
         self._read_buffer = memoryview(bytearray(READ_SIZE))
 
-    # -- asyncio.Protocol ----------------------------------------------------------------
+    @property
+    def broker(self) -> Broker:
+        """This connection's broker."""
+        if self._broker is None:
+            raise RuntimeError("the connection is not made yet")
+        return self._broker
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The dispatcher running the calls the peer makes (``dispatcher.running``: the async ones)."""
+        if self._dispatcher is None:
+            raise RuntimeError("the connection is not made yet")
+        return self._dispatcher
+
+    # -- asyncio.BufferedProtocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports have the Transport methods without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.broker = self._make_broker(pending_factory=self._new_pending, wake_up=self._wake_up)
-        self.broker.connection_made()
+        self.peer = transport.get_extra_info("peername")
+        broker = self._broker = self._make_broker(
+            pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued, peer=self.peer
+        )
+        self._dispatcher = Dispatcher(broker, self._spawn)
+        server = self._server
+        if server is not None:
+            log.debug("accepted a connection from %s", self.peer)
+            server.connections.add(self)
+        else:
+            log.debug("connected to %s", self.peer)
+        self._busy = True
+        try:
+            broker.connection_made()
+        finally:
+            self._busy = False
         self._flush()
+        if server is not None and server.closing:
+            self.close()  # accepted just before the server closed
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        broker = self.broker
-        assert broker is not None
+        broker, dispatcher = self._broker, self._dispatcher
+        assert broker is not None and dispatcher is not None
+        self._busy = True
         try:
-            broker.receive_data(self._read_buffer[:nbytes])  # the broker copies what it keeps
-        except ProtocolError:
-            # The broker has closed (pending calls failed); close this connection only.
-            self._run_events()
-            self.close()
-            return
-        self._run_events()
+            try:
+                broker.receive_data(self._read_buffer[:nbytes])  # the broker copies what it keeps
+            except ProtocolError:
+                # The broker has closed (and logged why); so does the transport.
+                broker.events()
+                self._close_transport()
+                return
+            for event in broker.events():
+                if isinstance(event, CallReceived):
+                    dispatcher.dispatch((event,))
+                    # Answers go out together, in one write per batch of
+                    # calls; but a batch that has collected enough is written
+                    # now, so that the transport can pause reading early.
+                    if broker.bytes_to_send >= WRITE_SIZE:
+                        self._flush()
+        finally:
+            self._busy = False
         self._flush()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: PB has no half-open state
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._waiting_calls.clear()
-        if self.broker is not None:
-            self.broker.connection_lost(exc)
-            self._run_events()
+        if self._abort is not None:
+            self._abort.cancel()
+        broker = self._broker
+        if broker is not None:
+            broker.connection_lost(exc)  # fails pending calls, cancels running ones
+            broker.events()
+        self._wake_idle()
+        if self._server is not None:
+            self._server.connections.discard(self)
+        log.debug("the connection with %s closed%s", self.peer, "" if exc is None else f": {exc}")
         if not self._closed.done():
             self._closed.set_result(None)
 
     def pause_writing(self) -> None:
-        # The peer is not reading: stop reading its requests and starting
-        # calls, so that answers cannot pile up in the write buffer.
-        self._paused = True
+        # The peer is not reading: read no more of its requests, so that
+        # answers cannot pile up in the write buffer.
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._paused = False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
-        self._start_calls()
 
     # -- the connection ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connection (pending calls fail with PBConnectionLost)."""
-        if self.transport is not None:
-            self.transport.close()
+        """Close the connection at once (what was sent before still goes out)."""
+        broker = self._broker
+        if broker is None:
+            return
+        if not broker.closed:
+            self._flush()
+            broker.connection_lost(None)  # then the broker tells us (_output_queued)
+        self._close_transport()
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed."""
         await asyncio.shield(self._closed)
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __repr__(self) -> str:
+        side = "client" if self._server is None else "server"
+        return f"<pbcore_asyncio.Connection {side} peer={self.peer!r}>"
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _spawn(self, call: Coroutine[Any, Any, None]) -> Callable[[], object]:
+        # The dispatcher's hook: run a served async call in a task of its own.
+        return self._loop.create_task(self._serve(call)).cancel
+
+    async def _serve(self, call: Coroutine[Any, Any, None]) -> None:
+        try:
+            await call
+        finally:
+            if self._idle is not None and not self.dispatcher.running:
+                self._wake_idle()
+        self._flush()
+
+    async def _wait_idle(self) -> None:
+        """Wait until no served call is running (or the connection is closed)."""
+        while self._dispatcher is not None and self._dispatcher.running and not self._closed.done():
+            if self._idle is None:
+                self._idle = self._loop.create_future()
+            await self._idle
+
+    def _wake_idle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
+
+    # -- pending results ------------------------------------------------------------------
 
     def _new_pending(self) -> PendingFuture:
         pending = PendingFuture(loop=self._loop)
@@ -163,89 +264,203 @@ class PBProtocol(asyncio.BufferedProtocol):
         return pending
 
     def _forget_if_cancelled(self, pending: asyncio.Future[Any]) -> None:
-        if pending.cancelled() and self.broker is not None:
-            self.broker.cancel(pending)  # type: ignore[arg-type]
+        if pending.cancelled() and self._broker is not None:
+            self._broker.cancel(pending)  # type: ignore[arg-type]
 
-    def _run_events(self) -> None:
-        assert self.broker is not None
-        for event in self.broker.events():
-            if isinstance(event, CallReceived):
-                self._waiting_calls.append(event)
-        self._start_calls()
-
-    def _start_calls(self) -> None:
-        # Calls start now and in order; only those still awaiting something
-        # continue as tasks (and count against the limit).
-        assert self.broker is not None
-        while self._waiting_calls and not self._paused and len(self._tasks) < MAX_CONCURRENT_CALLS:
-            rest = serve_call(self.broker, self._waiting_calls.popleft())
-            if rest is not None:
-                task = self._loop.create_task(self._finish(rest))
-                self._tasks.add(task)
-                task.add_done_callback(self._call_done)
-            # Answers go out together, in one write per batch; but a batch
-            # that has collected enough is written now, so that the transport
-            # can pause us (pause_writing) before the next call adds more.
-            if self.broker.bytes_to_send >= WRITE_SIZE:
-                self._flush()
-        self._flush()
-
-    def _call_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._start_calls()
-
-    async def _finish(self, rest: Coroutine[Any, Any, None]) -> None:
-        await rest
-        self._flush()
+    # -- output -----------------------------------------------------------------------------
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self.broker is None or self.transport is None or self.transport.is_closing():
+        broker, transport = self._broker, self.transport
+        if broker is None or transport is None:
             return
-        data = self.broker.data_to_send()
+        if broker.closed:
+            self._close_transport()
+            return
+        if transport.is_closing():
+            return
+        data = broker.data_to_send()
         if data:
-            self.transport.write(data)
+            transport.write(data)
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._closed.done():
+            return
+        transport.close()
+        # close() waits for the write buffer to drain: not forever.
+        self._abort = self._loop.call_later(CLOSE_TIMEOUT, transport.abort)
+
+    def _output_queued(self) -> None:
+        # The broker, in the loop's thread, has new output (or has closed).
+        if self._broker is not None and self._broker.closed:
+            self._close_transport()
+        elif not self._busy and not self._flush_scheduled:
+            # One flush for everything queued until then (a window of calls).
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _wake_up(self) -> None:
-        # The broker has output: schedule one flush. From another thread (a
-        # finalizer's decref) go through the thread-safe path; a closed loop
-        # raises RuntimeError, and then the connection is gone anyway.
+        # From another thread (a finalizer's decref) go through the
+        # thread-safe path; a closed loop raises RuntimeError, and then the
+        # connection is gone anyway.
         if threading.get_ident() != self._loop_thread:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._flush)
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        else:
+            self._output_queued()
+
+
+# -- servers -------------------------------------------------------------------------------------
+
+
+class Server:
+    """A listening PB server: ``port``, ``addresses``, ``connections``; ``close()``, ``wait_closed()``.
+
+    ``close(grace)`` stops accepting at once, waits up to *grace* seconds for
+    the calls running on every connection to finish, then closes every
+    connection. ``async with server:`` closes it on exit;
+    ``await server.serve_forever()`` returns once it is closed (and closes
+    it if cancelled).
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._listener: asyncio.AbstractServer | None = None
+        self._addresses: list[Any] = []
+        #: The live connections.
+        self.connections: set[Connection] = set()
+        self._closing = False
+        self._closer: asyncio.Task[None] | None = None
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+
+    def _listening(self, listener: asyncio.AbstractServer) -> Server:
+        self._listener = listener
+        # asyncio.Server forgets its sockets once closed (3.10, 3.11): keep their names.
+        self._addresses = [sock.getsockname() for sock in cast(asyncio.Server, listener).sockets]
+        for address in self._addresses:
+            log.debug("listening on %s", address)
+        return self
+
+    @property
+    def addresses(self) -> list[Any]:
+        """Every listener's socket name: ``(host, port, ...)`` tuples, or a unix socket's path."""
+        return list(self._addresses)
+
+    @property
+    def port(self) -> int:
+        """The first listener's port (the bound one when asked for port 0); TCP only."""
+        address = self._addresses[0] if self._addresses else None
+        if not isinstance(address, tuple):
+            raise AttributeError(f"a server listening on {address!r} has no port")
+        port: int = address[1]
+        return port
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closing
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; after up to *grace* seconds for running calls to finish, close every connection."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._listener is not None:
+            self._listener.close()
+        self._closer = self._loop.create_task(self._shut_down(grace))
+
+    async def wait_closed(self) -> None:
+        """Wait until the server is closed and every connection with it."""
+        await asyncio.shield(self._closed)
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        """:meth:`close`, then :meth:`wait_closed`."""
+        self.close(grace)
+        await self.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Serve until the server is closed; cancelled, close it (and wait for that)."""
+        try:
+            await self.wait_closed()
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _shut_down(self, grace: float) -> None:
+        try:
+            if grace > 0 and self.connections:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    idle = [connection._wait_idle() for connection in self.connections]
+                    await asyncio.wait_for(asyncio.gather(*idle), grace)
+            while self.connections:
+                connections = list(self.connections)
+                for connection in connections:
+                    connection.close()
+                await asyncio.gather(*(connection.wait_closed() for connection in connections))
+            if self._listener is not None:
+                # Every connection is closed: asyncio's (3.12+) and uvloop's
+                # servers wait for that; a TLS handshake under way may linger.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._listener.wait_closed(), CLOSE_TIMEOUT)
+        finally:
+            if not self._closed.done():
+                self._closed.set_result(None)
+            log.debug("the server on %s closed", self._addresses)
+
+    def __repr__(self) -> str:
+        state = " closing" if self._closing else ""
+        return f"<pbcore_asyncio.Server {self._addresses!r}{state} connections={len(self.connections)}>"
 
 
 async def serve(
     factory: PBServerFactory,
-    host: str | None = None,
+    host: str | None = "127.0.0.1",
     port: int = 0,
     *,
-    ssl: ssl_module.SSLContext | None = None,
-    **kwargs: Any,
-) -> asyncio.Server:
-    """Start serving *factory* on TCP (TLS with an *ssl* context); returns the started server."""
+    ssl_context: ssl.SSLContext | None = None,
+    backlog: int = 128,
+) -> Server:
+    """Serve *factory* on TCP *host*:*port* (port 0: a free one; TLS with *ssl_context*)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: PBProtocol(factory.make_broker), host, port, ssl=ssl, **kwargs)
+    server = Server()
+    listener = await loop.create_server(
+        lambda: Connection(factory.make_broker, server), host, port, ssl=ssl_context, backlog=backlog
+    )
+    return server._listening(listener)
 
 
 async def serve_unix(
-    factory: PBServerFactory, path: str, *, ssl: ssl_module.SSLContext | None = None, **kwargs: Any
-) -> asyncio.Server:
-    """Start serving *factory* on a unix socket at *path*."""
+    factory: PBServerFactory,
+    path: str | os.PathLike[str],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    backlog: int = 128,
+) -> Server:
+    """Serve *factory* on a unix socket at *path*."""
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: PBProtocol(factory.make_broker), path, ssl=ssl, **kwargs)
+    server = Server()
+    listener = await loop.create_unix_server(
+        lambda: Connection(factory.make_broker, server), os.fspath(path), ssl=ssl_context, backlog=backlog
+    )
+    return server._listening(listener)
 
 
-def _client_protocol(factory: PBClientFactory) -> PBProtocol:
+def _client(factory: PBClientFactory) -> Connection:
     def make(**options: Any) -> Broker:
-        # Called from connection_made, once `protocol` exists.
-        return factory.make_broker(close=protocol.close, **options)
+        # Called from connection_made, once `connection` exists.
+        return factory.make_broker(close=connection.close, **options)
 
-    protocol = PBProtocol(make)
-    return protocol
+    connection = Connection(make)
+    return connection
 
 
 async def connect(
@@ -253,22 +468,27 @@ async def connect(
     host: str,
     port: int,
     *,
-    ssl: ssl_module.SSLContext | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
-    **kwargs: Any,
-) -> PBProtocol:
-    """Connect *factory* to a PB server over TCP (TLS with an *ssl* context)."""
+) -> Connection:
+    """Connect *factory* to a PB server over TCP (TLS with *ssl_context*)."""
     loop = asyncio.get_running_loop()
-    if ssl is not None and server_hostname is not None:
-        kwargs["server_hostname"] = server_hostname
-    _, protocol = await loop.create_connection(lambda: _client_protocol(factory), host, port, ssl=ssl, **kwargs)
-    return protocol
+    options: dict[str, Any] = {} if server_hostname is None else {"server_hostname": server_hostname}
+    _, connection = await loop.create_connection(lambda: _client(factory), host, port, ssl=ssl_context, **options)
+    return connection
 
 
 async def connect_unix(
-    factory: PBClientFactory, path: str, *, ssl: ssl_module.SSLContext | None = None, **kwargs: Any
-) -> PBProtocol:
+    factory: PBClientFactory,
+    path: str | os.PathLike[str],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> Connection:
     """Connect *factory* to a PB server on a unix socket."""
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_unix_connection(lambda: _client_protocol(factory), path, ssl=ssl, **kwargs)
-    return protocol
+    options: dict[str, Any] = {} if server_hostname is None else {"server_hostname": server_hostname}
+    _, connection = await loop.create_unix_connection(
+        lambda: _client(factory), os.fspath(path), ssl=ssl_context, **options
+    )
+    return connection

@@ -10,7 +10,9 @@ reason goes to *err*).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import signal
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import IO, Any
 
@@ -40,28 +42,54 @@ def _describe(error: BaseException) -> str:
 
 
 def run_serve(host: str, port: int, *, users: Mapping[str, str], tick: float, out: IO[str], err: IO[str]) -> int:
-    """Serve the demo service until interrupted (Ctrl-C)."""
+    """Serve the demo service until SIGINT (Ctrl-C) or SIGTERM; then close every connection and exit 0."""
     try:
-        asyncio.run(_serve(host, port, users, tick, out))
-    except KeyboardInterrupt:
-        return 0
+        reason, closed = asyncio.run(_serve(host, port, users, tick, out))
+    except KeyboardInterrupt:  # where the loop cannot handle signals (Windows)
+        reason, closed = "interrupted", None
     except OSError as error:
         err.write(f"pbcore serve: error: cannot listen on {host}:{port}: {error.strerror or error}\n")
         return 1
+    closing = "" if closed is None else f", closed {closed} connection{'' if closed == 1 else 's'}"
+    err.write(f"pbcore serve: {reason}{closing}; stopped\n")
     return 0
 
 
-async def _serve(host: str, port: int, users: Mapping[str, str], tick: float, out: IO[str]) -> None:
+async def _serve(host: str, port: int, users: Mapping[str, str], tick: float, out: IO[str]) -> tuple[str, int]:
     service = DemoService(users, open=not users)
-    server = await serve(service.server_factory(), host, port)
-    bound = server.sockets[0].getsockname()
-    access = f"login required: {', '.join(users)}" if users else "open, anonymous login allowed"
-    out.write(f"pbcore serve: listening on {bound[0]}:{bound[1]} ({access}); Ctrl-C stops\n")
-    out.flush()
-    async with server:
-        while True:
-            await asyncio.sleep(tick)
-            service.ticker.tick()
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[str] = loop.create_future()
+
+    def stop_on(signum: int) -> None:
+        if not stop.done():
+            stop.set_result(signal.Signals(signum).name)
+
+    handled = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
+            loop.add_signal_handler(signum, stop_on, signum)
+            handled.append(signum)
+    try:
+        async with await serve(service.server_factory(), host, port) as server:
+            host, bound = server.addresses[0][:2]
+            access = f"login required: {', '.join(users)}" if users else "open, anonymous login allowed"
+            out.write(f"pbcore serve: listening on {host}:{bound} ({access}); Ctrl-C stops\n")
+            out.flush()
+            ticking = loop.create_task(_tick(service, tick))
+            try:
+                reason = await stop
+            finally:
+                ticking.cancel()
+            return reason, len(server.connections)
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+
+
+async def _tick(service: DemoService, tick: float) -> None:
+    while True:
+        await asyncio.sleep(tick)
+        service.ticker.tick()
 
 
 # -- pbcore call ----------------------------------------------------------------------------
@@ -164,7 +192,7 @@ class _Tour:
 async def _demo(out: IO[str]) -> None:
     service = DemoService({"alice": "secret"})
     server = await serve(service.server_factory(), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port = server.port
     tour = _Tour(out)
     out.write(f"pbcore demo: a PB server and two clients in one process, over TCP on 127.0.0.1:{port}\n")
     factory = PBClientFactory()
@@ -219,8 +247,7 @@ async def _demo(out: IO[str]) -> None:
     finally:
         connection.close()
         other_connection.close()
-        server.close()
-        await server.wait_closed()
+        await server.aclose()
     out.write(
         "\nNext: `pbcore serve` serves this on port 8787;"
         " `pbcore call localhost:8787 echo hi` calls it (or any PB server).\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -14,6 +15,7 @@ import pbcore_asyncio
 import pytest
 
 from pbcore import Cacheable, Copyable, Referenceable, RemoteCache, RemoteCopy, Root, flavors
+from pbcore import broker as broker_module
 from pbcore.broker import Broker
 from pbcore.cred import Anonymous, UsernamePassword
 from pbcore.errors import NoSuchMethod, PBConnectionLost
@@ -101,6 +103,15 @@ flavors.setCopierForClass(b"tests.adapters.Gauge", GaugeCache)
 class ServerRoot(Root):
     def __init__(self) -> None:
         self.gauge = Gauge()
+        self.woken = asyncio.Event()
+        self.hanging = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.brokers: list[Broker] = []
+        self.big_calls = 0
+
+    def rootObject(self, broker: Broker) -> ServerRoot:
+        self.brokers.append(broker)  # the server side's brokers, for the tests to look at
+        return self
 
     def remote_echo(self, *args: Any, **kw: Any) -> Any:
         return [list(args), kw]
@@ -130,7 +141,29 @@ class ServerRoot(Root):
         return await ref.callRemote("twice", x)
 
     def remote_big(self, size: int) -> bytes:
+        self.big_calls += 1
         return b"x" * size
+
+    async def remote_relay(self, ref: Any, x: int) -> Any:
+        return await ref.callRemote("twice", x)
+
+    async def remote_poll(self) -> str:
+        await self.woken.wait()
+        return "woken"
+
+    def remote_wake(self) -> None:
+        self.woken.set()
+
+    async def remote_hang(self) -> None:
+        self.hanging.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    def remote_hang_up(self) -> None:
+        self.brokers[-1].connection_lost(None)  # the application closes its own broker
 
 
 class Doubler(Referenceable):
@@ -138,35 +171,36 @@ class Doubler(Referenceable):
         return 2 * x
 
 
-@pytest.fixture
-def protocols(monkeypatch: pytest.MonkeyPatch) -> list[pbcore_asyncio.PBProtocol]:
-    """Every PBProtocol made during the test, server side included (for introspection)."""
-    made: list[pbcore_asyncio.PBProtocol] = []
-    original = pbcore_asyncio.PBProtocol.connection_made
+class EchoingDoubler(Referenceable):
+    """Answers the server's call by calling the server first."""
 
-    def tracking(self: pbcore_asyncio.PBProtocol, transport: asyncio.BaseTransport) -> None:
-        made.append(self)
-        original(self, transport)
+    def __init__(self, root: Any) -> None:
+        self.root = root
 
-    monkeypatch.setattr(pbcore_asyncio.PBProtocol, "connection_made", tracking)
-    return made
+    async def remote_twice(self, x: int) -> int:
+        [[echoed], _] = await self.root.callRemote("echo", x)
+        return 2 * int(echoed)
 
 
-def server_side(protocols: list[pbcore_asyncio.PBProtocol]) -> list[pbcore_asyncio.PBProtocol]:
-    return [protocol for protocol in protocols if protocol.broker is not None and not protocol.broker.is_client]
+async def served(factory: PBServerFactory | None = None, **kwargs: Any) -> pbcore_asyncio.Server:
+    return await pbcore_asyncio.serve(factory or PBServerFactory(ServerRoot()), "127.0.0.1", 0, **kwargs)
 
 
-async def served(factory: PBServerFactory | None = None, **kwargs: Any) -> tuple[asyncio.Server, int]:
-    server = await pbcore_asyncio.serve(factory or PBServerFactory(ServerRoot()), "127.0.0.1", 0, **kwargs)
-    return server, server.sockets[0].getsockname()[1]
+async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Wait (polling) until *condition* holds; fail after *timeout* seconds."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_calls_references_copies_caches_and_errors(protocols: list[pbcore_asyncio.PBProtocol]) -> None:
+def test_calls_references_copies_caches_and_errors() -> None:
     async def body() -> None:
         root_object = ServerRoot()
-        server, port = await served(PBServerFactory(root_object))
+        server = await served(PBServerFactory(root_object))
         factory = PBClientFactory()
-        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
         root = await factory.getRootObject()
         assert await root.callRemote("echo", 1, "two", k=None) == [[1, "two"], {"k": None}]
         thing = await root.callRemote("thing", 7)
@@ -185,93 +219,86 @@ def test_calls_references_copies_caches_and_errors(protocols: list[pbcore_asynci
         assert missing.value.check(NoSuchMethod)
         assert await root.callRemote("call_back", Doubler(), 21) == 42  # the server awaits our answer
         # Letting go: the server's tables come back to the root alone.
-        [server_protocol] = server_side(protocols)
-        server_broker = server_protocol.broker
-        assert server_broker is not None
+        [server_connection] = server.connections
+        server_broker = server_connection.broker
         del thing, gauge
-        for _ in range(500):  # up to 5 s on a loaded machine; done in a few ms normally
+
+        def released() -> bool:
             gc.collect()
-            await asyncio.sleep(0.01)
-            if list(server_broker.localObjects) == [b"root"] and not server_broker.remotelyCachedObjects:
-                break
-        assert list(server_broker.localObjects) == [b"root"]
+            return list(server_broker.localObjects) == [b"root"] and not server_broker.remotelyCachedObjects
+
+        await until(released, "the server's tables to empty")
         assert root_object.gauge.observers == []
         connection.close()
         await connection.wait_closed()
-        server.close()
-        await server.wait_closed()
+        await server.aclose()
 
     run(body)
 
 
 def test_login_through_a_portal() -> None:
     async def body() -> None:
-        server, port = await served(login_factory())
+        server = await served(login_factory())
         for credentials, expected in (
             (UsernamePassword("alice", "secret"), "hello alice"),
             (Anonymous(), "hello anonymous"),
         ):
             factory = PBClientFactory()
-            connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
-            avatar = await factory.login(credentials)
-            assert await avatar.callRemote("hello") == expected
-            connection.close()
+            async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port):
+                avatar = await factory.login(credentials)
+                assert await avatar.callRemote("hello") == expected
         factory = PBClientFactory()
-        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
-        with pytest.raises(CopiedFailure) as caught:
-            await factory.login(UsernamePassword("alice", "wrong"))
-        assert caught.value.type == "twisted.cred.error.UnauthorizedLogin"
-        connection.close()
-        server.close()
-        await server.wait_closed()
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port):
+            with pytest.raises(CopiedFailure) as caught:
+                await factory.login(UsernamePassword("alice", "wrong"))
+            assert caught.value.type == "twisted.cred.error.UnauthorizedLogin"
+        await server.aclose()
 
     run(body)
 
 
 def test_a_timed_out_call_is_dropped_and_the_connection_goes_on() -> None:
     async def body() -> None:
-        server, port = await served()
+        server = await served()
         factory = PBClientFactory()
-        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
-        root = await factory.getRootObject()
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(root.callRemote("slow", 0.3), 0.05)
-        assert factory.broker is not None and factory.broker._waiting == {}  # forgotten at once
-        await asyncio.sleep(0.4)  # the late answer arrives and is dropped
-        assert await root.callRemote("echo", 1) == [[1], {}]
-        assert not factory.broker.closed
-        connection.close()
-        server.close()
-        await server.wait_closed()
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port):
+            root = await factory.getRootObject()
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(root.callRemote("slow", 0.3), 0.05)
+            assert factory.broker is not None and factory.broker._waiting == {}  # forgotten at once
+            await asyncio.sleep(0.4)  # the late answer arrives and is dropped
+            assert await root.callRemote("echo", 1) == [[1], {}]
+            assert not factory.broker.closed
+        await server.aclose()
 
     run(body)
 
 
-def test_a_dropped_connection_fails_the_calls_in_flight(protocols: list[pbcore_asyncio.PBProtocol]) -> None:
+def test_a_dropped_connection_fails_the_calls_in_flight() -> None:
     async def body() -> None:
-        server, port = await served()
+        server = await served()
         factory = PBClientFactory()
-        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
         root = await factory.getRootObject()
         call = asyncio.ensure_future(root.callRemote("slow", 5))
-        await asyncio.sleep(0.05)
-        server.close()
-        for protocol in server_side(protocols):
-            protocol.close()  # the server drops the connection mid-call
+        await until(lambda: any(c.dispatcher.running for c in server.connections), "the call to start")
+        for server_connection in list(server.connections):
+            server_connection.close()  # the server drops the connection mid-call
         with pytest.raises(PBConnectionLost):
             await call
         await connection.wait_closed()
+        await server.aclose()
 
     run(body)
 
 
 def test_garbage_closes_only_its_connection() -> None:
     async def body() -> None:
-        server, port = await served()
+        server = await served()
         factory = PBClientFactory()
-        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
         root = await factory.getRootObject()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"\xff" * 100)
         await writer.drain()
         assert await asyncio.wait_for(reader.read(), 5) != b"garbage accepted"  # read to EOF: closed
@@ -279,22 +306,21 @@ def test_garbage_closes_only_its_connection() -> None:
         assert await root.callRemote("echo", "still here") == [["still here"], {}]
         writer.close()
         connection.close()
-        server.close()
-        await server.wait_closed()
+        await server.aclose()
 
     run(body)
 
 
-def test_a_peer_that_stops_reading_does_not_make_the_server_buffer_without_bound(
-    protocols: list[pbcore_asyncio.PBProtocol],
-) -> None:
+def test_a_peer_that_stops_reading_is_no_longer_read() -> None:
     answer_size = 200_000
-    calls = 400  # 80 MB of answers if the server kept writing
+    calls = 400  # 80 MB of answers if the server kept reading and answering
 
     async def body() -> None:
-        server, port = await served()
-        sock = socket.create_connection(("127.0.0.1", port))
+        root_object = ServerRoot()
+        server = await served(PBServerFactory(root_object))
+        sock = socket.create_connection(("127.0.0.1", server.port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each call its own segment
         client = Broker(is_client=True)
         client.connection_made()
         sock.setblocking(False)
@@ -302,21 +328,29 @@ def test_a_peer_that_stops_reading_does_not_make_the_server_buffer_without_bound
         while not client.ready:  # the handshake, read normally
             client.receive_data(await loop.sock_recv(sock, 65536))
             await loop.sock_sendall(sock, client.data_to_send())
-        for _ in range(calls):
+        [server_connection] = server.connections
+        transport = server_connection.transport
+        assert transport is not None
+        for sent in range(1, calls + 1):  # one call per read, and never read an answer
             client.root().callRemote("big", answer_size)
-        await loop.sock_sendall(sock, client.data_to_send())  # and never read again
-        [protocol] = server_side(protocols)
-        assert protocol.transport is not None
-        for _ in range(1000):  # until the server has stopped starting calls (bounded by run())
-            await asyncio.sleep(0.01)
-            if protocol._paused and protocol._waiting_calls:
+            await loop.sock_sendall(sock, client.data_to_send())
+            await until(
+                lambda sent=sent: root_object.big_calls == sent or not transport.is_reading(),  # type: ignore[misc]
+                "the call to be served",
+            )
+            if not transport.is_reading():
                 break
-        buffered = protocol.transport.get_write_buffer_size()
-        assert protocol._waiting_calls, "the server should have stopped starting calls"
-        assert buffered <= (pbcore_asyncio.MAX_CONCURRENT_CALLS + 2) * answer_size
+        answered = root_object.big_calls
+        assert answered < calls
+        assert transport.get_write_buffer_size() <= 10 * answer_size
+        for _ in range(20):  # more calls: they wait in the socket, unread
+            client.root().callRemote("big", answer_size)
+        await loop.sock_sendall(sock, client.data_to_send())
+        await asyncio.sleep(0.2)
+        assert root_object.big_calls == answered
+        assert not transport.is_reading()
         sock.close()
-        server.close()
-        await server.wait_closed()
+        await server.aclose()
 
     run(body)
 
@@ -328,31 +362,234 @@ def test_tls(tmp_path: Path) -> None:
     client_context = ssl.create_default_context(cafile=str(cert))
 
     async def body() -> None:
-        server, port = await served(ssl=server_context)
+        server = await served(ssl_context=server_context)
         factory = PBClientFactory()
         connection = await pbcore_asyncio.connect(
-            factory, "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
+            factory, "127.0.0.1", server.port, ssl_context=client_context, server_hostname="localhost"
         )
         root = await factory.getRootObject()
         assert await root.callRemote("echo", "secure") == [["secure"], {}]
         assert connection.transport is not None and connection.transport.get_extra_info("ssl_object") is not None
-        connection.close()
-        server.close()
-        await server.wait_closed()
+        assert connection.peer == ("127.0.0.1", server.port)
+        await server.aclose()  # closes the TLS connection too
+        await asyncio.wait_for(connection.wait_closed(), 10)
 
     run(body)
 
 
 def test_unix_socket(tmp_path: Path) -> None:
     async def body() -> None:
-        path = str(tmp_path / "pb.sock")
+        path = tmp_path / "pb.sock"
         server = await pbcore_asyncio.serve_unix(PBServerFactory(ServerRoot()), path)
+        assert server.addresses == [str(path)]
+        assert not hasattr(server, "port")
         factory = PBClientFactory()
         connection = await pbcore_asyncio.connect_unix(factory, path)
         root = await factory.getRootObject()
         assert await root.callRemote("echo", "local") == [["local"], {}]
-        connection.close()
-        server.close()
-        await server.wait_closed()
+        await server.aclose()
+        await asyncio.wait_for(connection.wait_closed(), 10)
 
     run(body)
+
+
+# -- the dispatcher: no call waits for a slot; calls end with their connection --------------------
+
+
+def test_many_calls_that_call_back_through_the_server_do_not_deadlock() -> None:
+    async def body() -> None:
+        server = await served()
+        factory = PBClientFactory()
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port):
+            root = await factory.getRootObject()
+            doubler = EchoingDoubler(root)
+            # Each call awaits the client, which awaits a call to the server, while all 40 run.
+            results = await asyncio.gather(*(root.callRemote("relay", doubler, n) for n in range(40)))
+            assert results == [2 * n for n in range(40)]
+        await server.aclose()
+
+    run(body, timeout=15)
+
+
+def test_long_polls_do_not_hold_back_the_call_that_ends_them() -> None:
+    async def body() -> None:
+        root_object = ServerRoot()
+        server = await served(PBServerFactory(root_object))
+        factory = PBClientFactory()
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port) as connection:
+            root = await factory.getRootObject()
+            polls = [asyncio.ensure_future(root.callRemote("poll")) for _ in range(40)]
+            [server_connection] = server.connections
+            await until(lambda: len(server_connection.dispatcher.running) == 40, "the polls to start")
+            await root.callRemote("wake")
+            assert await asyncio.gather(*polls) == ["woken"] * 40
+            assert connection.dispatcher.running == set()
+        await server.aclose()
+
+    run(body, timeout=15)
+
+
+def test_a_served_call_is_cancelled_when_its_connection_ends() -> None:
+    async def body() -> None:
+        root_object = ServerRoot()
+        server = await served(PBServerFactory(root_object))
+        factory = PBClientFactory()
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
+        root = await factory.getRootObject()
+        call = asyncio.ensure_future(root.callRemote("hang"))
+        await asyncio.wait_for(root_object.hanging.wait(), 10)
+        connection.close()
+        with pytest.raises(PBConnectionLost):
+            await call
+        await asyncio.wait_for(root_object.cancelled.wait(), 5)
+        await until(lambda: not server.connections, "the server to forget the connection")
+        await server.aclose()
+
+    run(body)
+
+
+def test_a_broker_the_application_closes_closes_its_socket() -> None:
+    async def body() -> None:
+        server = await served()
+        factory = PBClientFactory()
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
+        root = await factory.getRootObject()
+        with pytest.raises(PBConnectionLost):
+            await asyncio.wait_for(root.callRemote("hang_up"), 5)
+        await asyncio.wait_for(connection.wait_closed(), 5)
+        await until(lambda: not server.connections, "the server to forget the connection")
+        await server.aclose()
+
+    run(body)
+
+
+def test_a_broker_that_closes_itself_over_max_broker_refs_closes_its_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker_module, "MAX_BROKER_REFS", 4)
+
+    async def body() -> None:
+        server = await served()
+        factory = PBClientFactory()
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
+        root = await factory.getRootObject()
+        kept = []
+        refused = 0
+        with pytest.raises(PBConnectionLost):
+            for n in range(20):  # 4 refused, then the server goes
+                try:
+                    kept.append(await asyncio.wait_for(root.callRemote("thing", n), 5))
+                except CopiedFailure:
+                    refused += 1
+        assert refused == 3
+        await asyncio.wait_for(connection.wait_closed(), 5)
+        await server.aclose()
+
+    run(body)
+
+
+# -- the server: where, who, closing --------------------------------------------------------------
+
+
+def test_serve_defaults_port_addresses_and_peers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="pbcore.asyncio")
+
+    async def body() -> None:
+        server = await pbcore_asyncio.serve(PBServerFactory(ServerRoot()))  # 127.0.0.1, a free port
+        assert server.port > 0
+        assert [address[:2] for address in server.addresses] == [("127.0.0.1", server.port)]
+        factory = PBClientFactory()
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
+        assert connection.peer == ("127.0.0.1", server.port) == connection.broker.peer
+        await (await factory.getRootObject()).callRemote("echo")
+        [server_connection] = server.connections
+        assert connection.transport is not None
+        local = connection.transport.get_extra_info("sockname")
+        assert server_connection.peer == local == server_connection.broker.peer
+        assert server_connection.dispatcher.broker is server_connection.broker
+        await server.aclose()
+        await connection.wait_closed()
+        messages = [record.getMessage() for record in caplog.records if record.name == "pbcore.asyncio"]
+        assert f"accepted a connection from {local}" in messages
+        assert any(message.startswith(f"the connection with {local} closed") for message in messages)
+
+    run(body)
+
+
+def test_close_waits_for_running_calls_up_to_the_grace_then_closes_every_connection() -> None:
+    async def body() -> None:
+        root_object = ServerRoot()
+        server = await served(PBServerFactory(root_object))
+        factories = [PBClientFactory() for _ in range(3)]
+        connections = [await pbcore_asyncio.connect(factory, "127.0.0.1", server.port) for factory in factories]
+        roots = [await factory.getRootObject() for factory in factories]
+        await until(lambda: len(server.connections) == 3, "the server to see 3 connections")
+        slow = asyncio.ensure_future(roots[0].callRemote("slow", 0.2))
+        await until(lambda: any(c.dispatcher.running for c in server.connections), "the slow call to start")
+        server.close(grace=30)
+        assert await slow == "late"  # finished within the grace
+        await asyncio.wait_for(server.wait_closed(), 10)
+        assert server.connections == set()
+        for connection in connections:
+            await asyncio.wait_for(connection.wait_closed(), 10)
+        with pytest.raises(OSError):  # no longer accepting
+            await pbcore_asyncio.connect(PBClientFactory(), "127.0.0.1", server.port)
+
+    run(body)
+
+
+def test_close_past_the_grace_cancels_running_calls() -> None:
+    async def body() -> None:
+        root_object = ServerRoot()
+        server = await served(PBServerFactory(root_object))
+        factory = PBClientFactory()
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
+        root = await factory.getRootObject()
+        call = asyncio.ensure_future(root.callRemote("hang"))
+        await asyncio.wait_for(root_object.hanging.wait(), 10)
+        await asyncio.wait_for(server.aclose(grace=0.1), 10)
+        with pytest.raises(PBConnectionLost):
+            await call
+        await asyncio.wait_for(root_object.cancelled.wait(), 5)
+        await asyncio.wait_for(connection.wait_closed(), 5)
+
+    run(body)
+
+
+def test_serve_forever_and_async_with() -> None:
+    async def body() -> None:
+        async with await served() as server:
+            forever = asyncio.ensure_future(server.serve_forever())
+            factory = PBClientFactory()
+            async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port) as connection:
+                assert await (await factory.getRootObject()).callRemote("echo", 1) == [[1], {}]
+            assert connection.broker.closed
+            await asyncio.wait_for(connection.wait_closed(), 5)
+            assert not forever.done()
+            other = await pbcore_asyncio.connect(PBClientFactory(), "127.0.0.1", server.port)
+        assert server.closing
+        await asyncio.wait_for(forever, 10)  # returns once the server is closed
+        await asyncio.wait_for(other.wait_closed(), 5)
+
+        server = await served()
+        other = await pbcore_asyncio.connect(PBClientFactory(), "127.0.0.1", server.port)
+        forever = asyncio.ensure_future(server.serve_forever())
+        await asyncio.sleep(0.01)
+        forever.cancel()  # as asyncio.run does on Ctrl-C
+        with pytest.raises(asyncio.CancelledError):
+            await forever
+        assert server.closing and server.connections == set()
+        await asyncio.wait_for(other.wait_closed(), 5)
+
+    run(body)
+
+
+def test_nothing_is_printed(capfd: pytest.CaptureFixture[str]) -> None:
+    async def body() -> None:
+        async with await served() as server:
+            factory = PBClientFactory()
+            async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                with pytest.raises(CopiedFailure):
+                    await root.callRemote("fail")
+
+    run(body)
+    assert capfd.readouterr() == ("", "")

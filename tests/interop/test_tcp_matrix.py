@@ -323,16 +323,14 @@ def run_script(
         async def on_asyncio() -> ScriptRun:
             listening = await pbcore_asyncio.serve(factory, HOST, 0)
             try:
-                port = listening.sockets[0].getsockname()[1]
-                steps = await asyncio.to_thread(run_twisted_client, port, script)
+                steps = await asyncio.to_thread(run_twisted_client, listening.port, script)
                 for _ in range(rounds):
                     if settled():
                         break
                     await asyncio.sleep(0.01)
                 return ScriptRun(outcomes_of(steps), settled())
             finally:
-                listening.close()
-                await asyncio.wait_for(listening.wait_closed(), CALL_TIMEOUT)
+                await asyncio.wait_for(listening.aclose(), CALL_TIMEOUT)
 
         return asyncio.run(asyncio.wait_for(on_asyncio(), SCENARIO_TIMEOUT))
     if server == "trio":

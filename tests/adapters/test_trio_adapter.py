@@ -16,7 +16,7 @@ import pbcore_trio
 import pytest
 import trio
 
-from pbcore import Copyable, Root
+from pbcore import Copyable, Referenceable, Root
 from pbcore.banana import Limits
 from pbcore.broker import Broker
 from pbcore.cred import (
@@ -79,6 +79,10 @@ class TrioPeerRoot(PeerRoot):
     async def remote_record(self, n: Any) -> Any:
         self.shared.order.append(n)  # before the first await
         await trio.sleep(0)
+        return n
+
+    def remote_tell_then_answer(self, ref: Any, n: Any) -> Any:
+        ref.callRemote("record", n, pbanswer=False)  # sent just before the answer
         return n
 
     def remote_order(self) -> list[Any]:
@@ -612,6 +616,29 @@ def test_async_methods_begin_in_arrival_order_before_the_next_call_runs() -> Non
                 assert await seen == [0]  # the async method had begun before the next call ran
                 assert [await first] + [await result for result in later] == list(range(50))
                 assert maker.shared.order == list(range(50))
+
+    run(body)
+
+
+class Recorder(Referenceable):
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    async def remote_record(self, n: Any) -> None:
+        self.seen.append(n)  # before the first await
+        await trio.sleep(0)
+
+
+def test_an_answer_wakes_its_caller_after_the_async_call_that_came_before_it_began() -> None:
+    async def body() -> None:
+        async with serving(PBServerFactory(TrioPeerRootMaker())) as server:
+            factory = PBClientFactory()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                recorder = Recorder()
+                for n in range(30):  # trio runs woken tasks in no set order: try it often
+                    assert await root.callRemote("tell_then_answer", recorder, n) == n
+                    assert recorder.seen == list(range(n + 1))
 
     run(body)
 

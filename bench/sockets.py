@@ -238,15 +238,11 @@ def run_trio(scenarios: list[Scenario], repeat: int) -> Times:
     pbcore_trio: Any = importlib.import_module("pbcore_trio")
 
     async def main() -> Times:
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(pbcore_trio.serve, pbcore.PBServerFactory(EchoRoot()), "127.0.0.1", 0)
+        async with pbcore_trio.open_server(pbcore.PBServerFactory(EchoRoot())) as server:
             factory = pbcore.PBClientFactory()
-            try:
-                async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
-                    root = await factory.getRootObject()
-                    return await drive(lambda value: root.callRemote("echo", value), scenarios, repeat)
-            finally:
-                server.close()
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port):
+                root = await factory.getRootObject()
+                return await drive(lambda value: root.callRemote("echo", value), scenarios, repeat)
 
     times: Times = trio.run(main)
     return times

@@ -337,17 +337,13 @@ def run_script(
 
         async def on_trio() -> ScriptRun:
             with trio.fail_after(SCENARIO_TIMEOUT):
-                async with trio.open_nursery() as nursery:
-                    listening: pbcore_trio.Server = await nursery.start(pbcore_trio.serve, factory, HOST, 0)
-                    try:
-                        steps = await trio.to_thread.run_sync(run_twisted_client, listening.port, script)
-                        for _ in range(rounds):
-                            if settled():
-                                break
-                            await trio.sleep(0.01)
-                        return ScriptRun(outcomes_of(steps), settled())
-                    finally:
-                        listening.close()
+                async with pbcore_trio.open_server(factory, HOST, 0) as listening:
+                    steps = await trio.to_thread.run_sync(run_twisted_client, listening.port, script)
+                    for _ in range(rounds):
+                        if settled():
+                            break
+                        await trio.sleep(0.01)
+                    return ScriptRun(outcomes_of(steps), settled())
 
         return trio.run(on_trio)
     assert server == "blocking"

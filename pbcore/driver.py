@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 from .broker import PendingCall
+from .isolation import describe
 
 __all__ = ["CoroutineDriver", "DriverTask"]
 
@@ -70,7 +71,7 @@ class DriverTask:
                 steps.close()
             except Exception as error:  # raised while unwinding
                 self.error = error
-                log.exception("a coroutine raised while being cancelled")
+                log.error("a coroutine raised while being cancelled\n%s", describe(error))
 
     def _step(self) -> None:
         steps = self._steps
@@ -96,8 +97,10 @@ class DriverTask:
         if isinstance(waiting, PendingCall) and self._driver.accepts(waiting):
             waiting.add_callbacks(self._wake, self._wake)
         else:
+            what = "an event loop's sleep or future" if waiting is None else f"a {type(waiting).__name__}"
             self._throw = RuntimeError(
-                f"awaited {type(waiting).__name__}: with no event loop, a coroutine can wait only for PB calls"
+                f"awaited {what}: with no event loop, a coroutine can wait only for PB calls"
+                " (those of its own connection)"
             )
             self._driver._ready.append(self)
 
@@ -109,7 +112,7 @@ class DriverTask:
         self._steps = None
         self.done, self.result, self.error = True, result, error
         if error is not None and self._driver.log_errors:
-            log.error("a coroutine run by the driver raised %s", type(error).__name__, exc_info=error)
+            log.error("a coroutine run by the driver raised %s\n%s", type(error).__name__, describe(error))
 
 
 class CoroutineDriver:

@@ -49,6 +49,7 @@ from typing import Any
 from .broker import Broker
 from .errors import Error
 from .events import CallReceived, Event
+from .isolation import describe
 
 __all__ = ["CallTask", "Dispatcher", "TooManyCalls"]
 
@@ -264,10 +265,10 @@ class Dispatcher:
         unsent = self.broker.send_answer(event.request_id, result, event.perspective)
         if unsent is not None:
             log.error(
-                "%s: the result of %s could not be sent; the caller gets an error answer",
+                "%s: the result of %s could not be sent; the caller gets an error answer\n%s",
                 _peer(self.broker),
                 event.method,
-                exc_info=unsent,
+                describe(unsent),
             )
 
     def _fail(self, event: CallReceived, error: BaseException, *, log_it: bool = True) -> None:
@@ -276,12 +277,12 @@ class Dispatcher:
             level = logging.DEBUG if isinstance(error, Error) else logging.ERROR
             log.log(
                 level,
-                "%s: %s raised %s; %s",
+                "%s: %s raised %s; %s\n%s",
                 _peer(self.broker),
                 event.method,
                 type(error).__name__,
                 "the caller gets an error answer" if event.answer_required else "it was a one-way call",
-                exc_info=error,
+                describe(error),
             )
         if event.answer_required:
             self.broker.send_error(event.request_id, error)
@@ -301,8 +302,8 @@ class Dispatcher:
         for task in running:
             try:
                 task.cancel()
-            except Exception:
-                log.exception("%s: cancelling %r failed", _peer(self.broker), task)
+            except Exception as error:
+                log.error("%s: cancelling %r failed\n%s", _peer(self.broker), task, describe(error))
 
 
 def _peer(broker: Broker) -> str:

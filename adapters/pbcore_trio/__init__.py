@@ -73,6 +73,7 @@ import trio
 from pbcore.broker import Broker
 from pbcore.errors import ProtocolError
 from pbcore.factory import PBClientFactory, PBServerFactory
+from pbcore.isolation import describe
 from pbcore.serving import Dispatcher
 
 __all__ = [
@@ -543,8 +544,9 @@ class Server:
             connection = Connection(stream, self._factory.make_broker, peer)
             self.connections.add(connection)
             await connection.run()
-        except Exception:
-            log.exception("the connection from %s failed; the server goes on", peer)
+        except Exception as error:
+            # As text, not exc_info: a handler keeping records would keep the connection's frames alive.
+            log.error("the connection from %s failed; the server goes on\n%s", peer, describe(error))
         except BaseException as error:
             split = getattr(error, "split", None)  # a BaseExceptionGroup: bugs along with Cancelled
             if split is None:
@@ -552,7 +554,7 @@ class Server:
             bugs, rest = split(Exception)
             if bugs is None:
                 raise
-            log.error("the connection from %s failed; the server goes on", peer, exc_info=bugs)
+            log.error("the connection from %s failed; the server goes on\n%s", peer, describe(bugs))
             if rest is not None:
                 raise rest from None
         finally:

@@ -444,7 +444,8 @@ class Server:
         self._accepting = trio.CancelScope()
         self._grace: trio.CancelScope | None = None  # set once closing: its deadline ends the grace
         self._closed = trio.Event()
-        self._addresses = [_socket_of(listener).getsockname() for listener in listeners]
+        sockets = [_socket_of(listener) for listener in listeners]
+        self._addresses = [None if sock is None else sock.getsockname() for sock in sockets]  # None: not a socket
 
     @property
     def port(self) -> int:

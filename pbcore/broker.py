@@ -166,10 +166,11 @@ class Broker:
     output; the broker is then in a consistent state, so the adapter may take
     :meth:`data_to_send` at once rather than schedule a flush.
 
-    When the broker closes (:meth:`connection_lost`, from the adapter, the
-    application, or the broker itself refusing a peer over
-    :data:`~pbcore.flavors.MAX_BROKER_REFS`), it calls *on_output* (else
-    *wake_up*) once more: an adapter that then finds :attr:`closed` set closes
+    When the broker closes (:meth:`connection_lost` from the adapter, or
+    :meth:`close` from the application, from bad input, or from the broker
+    itself refusing a peer over :data:`~pbcore.flavors.MAX_BROKER_REFS`), it
+    calls *on_output* (else *wake_up*) once more: an adapter that then finds
+    :attr:`closed` set writes what :meth:`data_to_send` still has and closes
     its transport at once. *peer* is the peer's address, for logs and the
     application (``broker.peer``); the adapter sets it.
     """
@@ -260,7 +261,7 @@ class Broker:
                 self._dispatch(expression)
         except ProtocolError as error:
             log.info("%s: closing the connection: %s: %s", self._who(), type(error).__name__, error)
-            self.connection_lost(error)
+            self.close(error)
             raise
 
     def events(self) -> list[Event]:
@@ -298,8 +299,23 @@ class Broker:
         still runs); then the tables are emptied, so that a reference the
         application keeps from this connection holds nothing the peer was
         given, :class:`~pbcore.events.ConnectionClosed` is queued and the
-        adapter is told (see the class docstring).
+        adapter is told (see the class docstring). Output not yet taken is
+        dropped: there is no transport to write it to.
         """
+        self._shut(reason)
+        self._out.clear()
+
+    def close(self, reason: BaseException | None = None) -> None:
+        """Close from this side, as :meth:`connection_lost` does, but keep what was queued to send.
+
+        The adapter, told through its output hook, writes that output and
+        then closes its transport (as Twisted's ``loseConnection`` does): the
+        answers queued before the broker refused a peer over
+        :data:`~pbcore.flavors.MAX_BROKER_REFS` still reach it.
+        """
+        self._shut(reason)
+
+    def _shut(self, reason: BaseException | None) -> None:
         if self.closed:
             return
         self.closed = True
@@ -325,7 +341,6 @@ class Broker:
         self._root = None
         self._events.append(ConnectionClosed(reason))
         self._releases.clear()
-        self._out.clear()  # nothing more goes out on a closed connection
         hook = self.on_output or self.wake_up
         if hook is not None:
             run_isolated(log, "the adapter's output hook", hook)
@@ -388,7 +403,7 @@ class Broker:
             self._ref_violations += 1
             if self._ref_violations > 3:
                 log.warning("%s: over MAX_BROKER_REFS (%d) a fourth time: closing", self._who(), MAX_BROKER_REFS)
-                self.connection_lost(Error("Maximum PB reference count exceeded. Goodbye."))
+                self.close(Error("Maximum PB reference count exceeded. Goodbye."))
                 raise Error("Maximum PB reference count exceeded. Goodbye.")
             log.warning("%s: refused a reference: over MAX_BROKER_REFS (%d)", self._who(), MAX_BROKER_REFS)
             raise Error("Maximum PB reference count exceeded.")

@@ -522,3 +522,19 @@ def test_a_call_the_runtime_cannot_spawn_is_an_error_answer() -> None:
     pair.client.receive_data(pair.server.data_to_send())
     assert isinstance(pending.error, CopiedFailure) and "nursery is closed" in pending.error.value
     assert not dispatcher.running
+
+
+def test_closing_from_this_side_keeps_what_was_queued_and_losing_the_transport_drops_it() -> None:
+    pair, _, root = pair_with_server()
+    root.callRemote("echo", 1)
+    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.events()
+    pair.server.send_answer(1, "queued before the close")
+    pair.server.close(Error("the application is done with this peer"))
+    assert pair.server.closed
+    assert b"queued before the close" in pair.server.data_to_send()  # written, then the transport closes
+
+    other, _, other_root = pair_with_server()
+    other_root.callRemote("echo", 1)
+    other.client.connection_lost(None)
+    assert other.client.data_to_send() == b""

@@ -149,8 +149,8 @@ class Session(Referenceable):
     def remote_keep(self, ref: RemoteReference) -> None:
         self.shared.kept.append(ref)
 
-    def remote_close_me(self) -> None:
-        self.broker.connection_lost(Error("the application closed this connection"))
+    def remote_close_me(self, how: str) -> None:
+        getattr(self.broker, how)(Error("the application closed this connection"))
 
 
 class ContractRoot(Root):

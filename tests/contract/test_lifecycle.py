@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import pytest
+
 from pbcore.errors import PBConnectionLost
 from pbcore.factory import PBClientFactory
 from tests.contract.helpers import eventually, outcome, send, settled, started
@@ -22,9 +24,10 @@ def test_a_served_call_is_cancelled_when_its_connection_ends(kit: Kit) -> None:
     assert isinstance(client.run(settled, pending), PBConnectionLost)
 
 
-def test_a_broker_that_closes_itself_closes_its_socket_at_once(kit: Kit) -> None:
+@pytest.mark.parametrize("how", ["close", "connection_lost"])
+def test_a_broker_that_closes_itself_closes_its_socket_at_once(kit: Kit, how: str) -> None:
     _, server, client, ref = started(kit)
-    error = client.run(outcome, ref, "close_me", timeout=5.0)
+    error = client.run(outcome, ref, "close_me", how, timeout=5.0)
     assert isinstance(error, PBConnectionLost), error
     assert client.closed_within(5.0)
     assert eventually(lambda: not server.connections())

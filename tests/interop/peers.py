@@ -70,15 +70,19 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 
 @contextmanager
-def twisted_server(login: bool = False, timeout: float = 60.0) -> Iterator[int]:
+def twisted_server(login: bool = False, timeout: float = 60.0, log_file: Path | None = None) -> Iterator[int]:
     """Start a Twisted PB server on 127.0.0.1 and yield its port.
 
     ``login`` serves a Portal (alice/secret and anonymous) instead of the plain root.
     The server exits on its own after ``timeout`` seconds at the latest.
+    With ``log_file``, Twisted's log (what the server says of the errors its peers
+    receive, say) is written to that file.
     """
     command = [sys.executable, str(PEER), "server", "--port", "0", "--timeout", str(timeout)]
     if login:
         command.append("--login")
+    if log_file is not None:
+        command.extend(["--log", str(log_file)])
     process = subprocess.Popen(
         command,
         stdin=subprocess.PIPE,

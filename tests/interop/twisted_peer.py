@@ -5,10 +5,11 @@ Twisted, never pbcore, so it is the reference implementation talking for itself.
 
 Server mode::
 
-    python tests/interop/twisted_peer.py server [--port 0] [--login] [--timeout 60]
+    python tests/interop/twisted_peer.py server [--port 0] [--login] [--timeout 60] [--log FILE]
 
 listens on 127.0.0.1 (port 0 picks a free one), prints ``PORT <n>`` on stdout once
 listening, and serves until its stdin is closed or ``--timeout`` seconds have passed.
+With ``--log FILE`` Twisted's log (``twisted.python.log``) goes to that file.
 Without ``--login`` the root object (one per connection) answers:
 
 ==========================  ======================================================
@@ -37,6 +38,14 @@ Without ``--login`` the root object (one per connection) answers:
 ``refs()``                  how many objects this connection's broker holds for the peer
                             (``len(broker.localObjects)``, the root included)
 ``call_back(ref, x)``       ``ref.callRemote("twice", x)``
+``key_error()``             raises ``KeyError("missing")``
+``async_fail(ref)``         a Deferred that errbacks with ``ValueError("later")``
+                            once ``ref.callRemote("twice", 1)`` has answered
+``unjellyable()``           an instance of ``twisted_peer.Opaque``, a class PB may
+                            not send (Twisted sends an ``unpersistable`` placeholder)
+``bad_copy()``              a Copyable whose ``getStateToCopy`` raises
+                            ``RuntimeError("no state")``
+``relay(ref)``              ``ref.callRemote("fail")``: the peer's failure, relayed
 ==========================  ======================================================
 
 With ``--login`` the root is a Portal's login root instead: checkers are an
@@ -104,6 +113,17 @@ Scripts (the step names are the JSON ``step`` values):
     anonymous avatar: ``"hello anonymous"``) and ``anonymous_whoami`` (its board's
     ``whoami()``: ``"anonymous"``).
 
+``faults``
+    Each fault method above, called on the root: ``fail``, ``refused``, ``key_error``,
+    ``async_fail`` (with a local Referenceable whose ``twice(x)`` is ``2 * x``),
+    ``unjellyable``, ``bad_copy`` and ``relay`` (with a local Referenceable whose
+    ``fail()`` raises ``KeyError("relayed")``).  Each step's value describes what came
+    back (see ``describe_fault``): for a failure its class name, ``type`` (as a string
+    and as received), ``value``, ``message``, ``parents``, ``traceback`` (the remote
+    traceback's text), and what ``check`` and ``trap`` give for the original exception
+    class and for ``pb.Error``; for an answer, the answer; and ``alive``, the answer to
+    ``echo("alive")`` made right after it.
+
 Every wait is bounded (each call by ``STEP_TIMEOUT``, the run by ``--timeout``), so the
 process always exits.
 """
@@ -151,6 +171,20 @@ class Refused(pb.Error):  # type: ignore[misc]
 
 # Its peers see it as ``twisted_peer.Refused``, whether this file runs as a script or not.
 Refused.__module__ = "twisted_peer"
+
+
+class Opaque:
+    """An instance PB may not send: neither Copyable nor allowed by the security options."""
+
+
+Opaque.__module__ = "twisted_peer"
+
+
+class BadCopy(pb.Copyable):  # type: ignore[misc]
+    """A Copyable that cannot give its state."""
+
+    def getStateToCopy(self) -> Any:
+        raise RuntimeError("no state")
 
 
 class TwistedPoint(pb.Copyable):  # type: ignore[misc]
@@ -249,6 +283,24 @@ class PeerRoot(pb.Root):  # type: ignore[misc]
     def remote_call_back(self, ref: Any, x: Any) -> Any:
         return ref.callRemote("twice", x)
 
+    def remote_key_error(self) -> None:
+        raise KeyError("missing")
+
+    def remote_async_fail(self, ref: Any) -> Any:
+        def fail(_: Any) -> None:
+            raise ValueError("later")
+
+        return ref.callRemote("twice", 1).addCallback(fail)
+
+    def remote_unjellyable(self) -> Opaque:
+        return Opaque()
+
+    def remote_bad_copy(self) -> BadCopy:
+        return BadCopy()
+
+    def remote_relay(self, ref: Any) -> Any:
+        return ref.callRemote("fail")
+
 
 class RootPerConnection(pb.Root):  # type: ignore[misc]
     def rootObject(self, broker: Any) -> PeerRoot:
@@ -302,7 +354,9 @@ def stop() -> None:
         THE_REACTOR.stop()
 
 
-def run_server(port: int, login: bool, timeout: float) -> int:
+def run_server(port: int, login: bool, timeout: float, log_file: str | None = None) -> int:
+    if log_file is not None:
+        importlib.import_module("twisted.python.log").startLogging(open(log_file, "a"), setStdout=False)  # noqa: SIM115
     if login:
         the_portal = portal.Portal(
             Realm(),
@@ -344,6 +398,11 @@ pb.setUnjellyableForClass(b"twisted_peer.Counter", CounterCache)
 class Twice(pb.Referenceable):  # type: ignore[misc]
     def remote_twice(self, x: Any) -> Any:
         return 2 * x
+
+
+class Faulty(pb.Referenceable):  # type: ignore[misc]
+    def remote_fail(self) -> None:
+        raise KeyError("relayed")
 
 
 def plain(value: Any) -> Any:
@@ -513,12 +572,68 @@ def script_login(factory: Any) -> StepGen:
         yield step("anonymous_whoami", lambda: anonymous_board.callRemote("whoami"))
 
 
+def describe_fault(reason: Any, original: Any) -> dict[str, Any]:
+    """What a Twisted client sees of a failure, *original* being the exception class raised far away."""
+
+    def trapped(kind: Any) -> str:
+        try:
+            return str(reason.trap(kind).__name__)
+        except BaseException as error:  # trap re-raises what it does not match
+            return f"raised {type(error).__name__}"
+
+    def checked(kind: Any) -> Any:
+        match = reason.check(kind)
+        return None if match is None else match.__name__
+
+    return {
+        "class": type(reason).__name__,
+        "type": failure_type(reason),
+        "raw_type": repr(reason.type),
+        "value": plain(reason.value),
+        "message": reason.getErrorMessage(),
+        "parents": [plain_key(parent) for parent in getattr(reason, "parents", [])],
+        "traceback": plain(getattr(reason, "traceback", None)),
+        "check": checked(original),
+        "check_pb_error": checked(pb.Error),
+        "trap": trapped(original),
+        "trap_pb_error": trapped(pb.Error),
+    }
+
+
+@inline_callbacks
+def script_faults(factory: Any) -> StepGen:
+    root = yield factory.getRootObject().addTimeout(STEP_TIMEOUT, THE_REACTOR)
+    faults: list[tuple[str, tuple[Any, ...], Any]] = [
+        ("fail", (), ValueError),
+        ("refused", (), Refused),
+        ("key_error", (), KeyError),
+        ("async_fail", (Twice(),), ValueError),
+        ("unjellyable", (), TypeError),
+        ("bad_copy", (), RuntimeError),
+        ("relay", (Faulty(),), KeyError),
+    ]
+    for method, args, original in faults:
+        outcome: dict[str, Any] = {}
+
+        def answered(value: Any, outcome: dict[str, Any] = outcome) -> None:
+            outcome["answer"] = plain(value)
+
+        def failed(reason: Any, outcome: dict[str, Any] = outcome, original: Any = original) -> None:
+            outcome["failure"] = describe_fault(reason, original)
+
+        call = root.callRemote(method, *args).addTimeout(STEP_TIMEOUT, THE_REACTOR)
+        yield call.addCallbacks(answered, failed)
+        outcome["alive"] = plain((yield root.callRemote("echo", "alive").addTimeout(STEP_TIMEOUT, THE_REACTOR)))
+        report(method, True, value=outcome)
+
+
 SCRIPTS: dict[str, Callable[[Any], Any]] = {
     "basic": script_basic,
     "errors": script_errors,
     "refs": script_refs,
     "cache": script_cache,
     "login": script_login,
+    "faults": script_faults,
 }
 
 
@@ -556,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--port", type=int, default=0)
     server.add_argument("--login", action="store_true")
     server.add_argument("--timeout", type=float, default=60.0)
+    server.add_argument("--log", default=None)
     client = modes.add_parser("client")
     client.add_argument("--host", default="127.0.0.1")
     client.add_argument("--port", type=int, required=True)
@@ -563,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     if args.mode == "server":
-        return run_server(args.port, args.login, args.timeout)
+        return run_server(args.port, args.login, args.timeout, args.log)
     return run_client(args.host, args.port, args.script, args.timeout)
 
 

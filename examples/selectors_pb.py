@@ -2,37 +2,47 @@
 
 This is what embedding pbcore's Sans-IO :class:`~pbcore.broker.Broker` in your
 own event loop takes. One :class:`Loop` owns a selector, any number of
-listening sockets and connections, and a wake-up socket pair. Each
-:class:`Connection` is one socket plus one broker; the loop moves bytes
-between them and runs the calls the broker reports::
+listening sockets and connections, a wake-up socket pair, and a
+:class:`~pbcore.driver.CoroutineDriver` that runs coroutines (``async``
+methods, a Portal's login among them, and client code) with no event loop.
+Each :class:`Connection` is one socket, one broker and the broker's
+:class:`~pbcore.serving.Dispatcher`; the loop moves bytes between them and
+hands the calls the broker reports to the dispatcher::
 
     python examples/selectors_pb.py server 8787    # serve DemoRoot until Ctrl-C
-    python examples/selectors_pb.py client 8787    # call it, print the results
+    python examples/selectors_pb.py client 8787    # call it, log in, print the results
     python examples/selectors_pb.py demo           # both, in one process and one selector
 
 The ``demo`` mode listens on an ephemeral port of 127.0.0.1, connects to
-itself, makes a few calls, prints what came back and exits 0.
+itself, makes a few calls, logs in as alice, prints what came back and exits 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import selectors
 import socket
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from pbcore import Broker, PendingCall, ProtocolError, Referenceable, RemoteReference, Root
-from pbcore.broker import serve_call
-from pbcore.events import CallReceived, DecRefReceived, Event
+from pbcore import Broker, PBClientFactory, PendingCall, ProtocolError, Referenceable, RemoteReference
+from pbcore.cred import Avatar, InMemoryPasswordChecker, IPerspective, Portal, UsernamePassword
+from pbcore.driver import CoroutineDriver
+from pbcore.events import DecRefReceived, Event
+from pbcore.serving import Dispatcher
 
 #: How long any one wait in this example may take before it gives up.
 TIMEOUT = 5.0
 #: Bytes read from a socket at a time.
 CHUNK = 65536
+#: Who may log in to the demo server, and with which password.
+USERS = {"alice": "wonderland"}
+
+T = TypeVar("T")
 
 
 # -- what the server offers -------------------------------------------------------------
@@ -49,8 +59,34 @@ class Counter(Referenceable):
         return self.value
 
 
-class DemoRoot(Root):
-    """The object a client reaches first (``broker.root()`` on its side)."""
+class User(Avatar):
+    """A logged-in user (the avatar): the client calls its ``perspective_*`` methods."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def perspective_whoami(self) -> str:
+        return self.name
+
+
+class DemoRealm:
+    """Makes each user's avatar, and knows who is logged in."""
+
+    def __init__(self) -> None:
+        self.online: list[str] = []
+
+    def requestAvatar(self, avatar_id: bytes, mind: Any, *interfaces: Any) -> tuple[Any, User, Callable[[], None]]:
+        name = avatar_id.decode("utf-8")
+        self.online.append(name)
+        # The logout runs once: when the client lets go of the avatar, or its connection ends.
+        return IPerspective, User(name), lambda: self.online.remove(name)
+
+
+class Session(Referenceable):
+    """What a client reaches first (``broker.root()`` on its side): one per connection."""
+
+    def __init__(self, login: Any) -> None:
+        self._login = login  # the portal's login root for this connection
 
     def remote_echo(self, value: Any) -> Any:
         return value
@@ -61,17 +97,42 @@ class DemoRoot(Root):
     def remote_counter(self, start: int) -> Counter:
         return Counter(start)
 
+    def remote_login(self, username: bytes | str) -> Any:
+        # The portal's first step (PBClientFactory.login calls it, Twisted's
+        # too): a challenge, and a challenger whose respond() is async: the
+        # checker and the realm run there, in the loop's CoroutineDriver.
+        return self._login.remote_login(username)
+
+
+class DemoRoot:
+    """What the server serves: a :class:`Session` per connection, and a Portal to log in through."""
+
+    def __init__(self) -> None:
+        self.realm = DemoRealm()
+        self.portal = Portal(self.realm, [InMemoryPasswordChecker(**USERS)])
+
+    def rootObject(self, broker: Broker) -> Session:
+        # The portal's login root is per connection: its avatars are logged
+        # out when that connection ends.
+        return Session(self.portal.rootObject(broker))
+
 
 # -- the loop ---------------------------------------------------------------------------
 
 
 class Connection:
-    """One socket and the broker that speaks PB over it."""
+    """One socket, the broker that speaks PB over it, and the dispatcher that runs the peer's calls."""
 
-    def __init__(self, loop: Loop, sock: socket.socket, broker: Broker) -> None:
+    def __init__(self, loop: Loop, sock: socket.socket, broker: Broker, factory: PBClientFactory | None = None) -> None:
         self.loop = loop
         self.sock = sock
         self.broker = broker
+        #: The client's factory (its login), or None on the server's side.
+        self.factory = factory
+        # Calls start in arrival order; plain ones are answered at once, async
+        # ones run in the loop's driver; every outcome is an answer; running
+        # calls are cancelled when the broker closes.
+        self.dispatcher = Dispatcher(broker, loop.driver.spawn_call)
         #: Bytes the broker produced that the socket has not taken yet.
         self.outgoing = bytearray()
         self.closed = False
@@ -106,23 +167,15 @@ class Connection:
             self.close(error)
             return
         self.handle_events()
+        self.loop.driver.run_ready()  # coroutines whose calls were just answered
         self.flush()
 
     def handle_events(self) -> None:
-        for event in self.broker.events():
-            if isinstance(event, CallReceived) and not self.broker.closed:
-                self.run_call(event)
-            if self.loop.on_event is not None:
+        events = self.broker.events()
+        self.dispatcher.dispatch(events)  # runs the calls among them
+        if self.loop.on_event is not None:
+            for event in events:
                 self.loop.on_event(self, event)
-
-    def run_call(self, event: CallReceived) -> None:
-        """Run one call and queue its answer (this loop runs only synchronous methods)."""
-        rest = serve_call(self.broker, event)
-        if rest is not None:
-            # An async method: a loop with a scheduler would run `rest` to completion.
-            rest.close()
-            if event.answer_required:
-                self.broker.send_error(event.request_id, TypeError(f"{event.method}: only synchronous methods here"))
 
     def flush(self) -> None:
         """Write what the broker has queued; keep the rest for when the socket is writable."""
@@ -130,7 +183,8 @@ class Connection:
             return
         if self.broker.closed:
             # The broker closed itself (say, a peer that kept exceeding
-            # MAX_BROKER_REFS): its ConnectionClosed event is queued; drop the socket.
+            # MAX_BROKER_REFS; it called wake_up to get here at once): its
+            # ConnectionClosed event is queued; drop the socket.
             self.close(self.broker.close_reason)
             return
         self.outgoing += self.broker.data_to_send()
@@ -155,7 +209,7 @@ class Connection:
             return
         self.closed = True
         self.close_reason = reason
-        self.broker.connection_lost(reason)
+        self.broker.connection_lost(reason)  # also cancels the calls still running
         self.handle_events()  # ConnectionClosed, and nothing to answer any more
         self.loop.selector.unregister(self.sock)
         self.loop.connections.discard(self)
@@ -163,10 +217,13 @@ class Connection:
 
 
 class Loop:
-    """A selector, the sockets on it, and a wake-up pair for other threads and the collector."""
+    """A selector, the sockets on it, a wake-up pair for other threads and the collector, and a coroutine driver."""
 
     def __init__(self, root: Any = None, on_event: Callable[[Connection, Event], None] | None = None) -> None:
         self.selector = selectors.DefaultSelector()
+        #: Runs every connection's async calls, and :meth:`run`'s coroutines.
+        #: (Loop.run raises what its coroutine raised: no need to log it too.)
+        self.driver = CoroutineDriver(log_errors=False)
         self.root = root
         self.on_event = on_event
         self.connections: set[Connection] = set()
@@ -181,8 +238,9 @@ class Loop:
         """Interrupt select() so that the next turn flushes every broker.
 
         The broker calls this when a RemoteReference was garbage collected and
-        queued a decref. That can happen in any thread, at any moment (even in
-        the middle of this loop's own code), so it only writes one byte.
+        queued a decref, and when it closes. That can happen in any thread, at
+        any moment (even in the middle of this loop's own code), so it only
+        writes one byte.
         """
         with contextlib.suppress(OSError):  # full (a wake-up is already due) or closed
             self._wake_w.send(b"\0")
@@ -192,8 +250,9 @@ class Loop:
         self.stopping = True
         self.wake_up()
 
-    def make_broker(self, is_client: bool) -> Broker:
-        return Broker(is_client=is_client, root=self.root, pending_factory=PendingCall, wake_up=self.wake_up)
+    def make_broker(self, peer: Any) -> Broker:
+        """A server broker for the connection from *peer* (an address)."""
+        return Broker(is_client=False, root=self.root, pending_factory=PendingCall, wake_up=self.wake_up, peer=peer)
 
     # -- sockets --------------------------------------------------------------------
 
@@ -209,7 +268,13 @@ class Loop:
     def connect(self, host: str, port: int) -> Connection:
         """Connect to a PB server (a blocking connect) and turn the loop until the handshake is done."""
         sock = socket.create_connection((host, port), timeout=TIMEOUT)
-        connection = Connection(self, sock, self.make_broker(is_client=True))
+        factory = PBClientFactory()
+
+        def close() -> None:  # factory.disconnect(): closes the connection made below
+            connection.close()
+
+        broker = factory.make_broker(close=close, pending_factory=PendingCall, wake_up=self.wake_up, peer=(host, port))
+        connection = Connection(self, sock, broker, factory)
         self.connections.add(connection)
         self.run_until(lambda: connection.broker.ready or connection.closed)
         if not connection.broker.ready:
@@ -218,15 +283,16 @@ class Loop:
 
     def _accept(self, listener: socket.socket) -> None:
         try:
-            sock, _ = listener.accept()
+            sock, address = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        self.connections.add(Connection(self, sock, self.make_broker(is_client=False)))
+        self.connections.add(Connection(self, sock, self.make_broker(address)))
 
     # -- turning --------------------------------------------------------------------
 
     def run_once(self, timeout: float | None) -> None:
         """One turn: wait for sockets (at most *timeout* seconds), serve them, flush."""
+        self.driver.run_ready()  # coroutines woken since the last turn (a connection closing fails their calls)
         self.flush_all()  # calls made since the last turn, decrefs queued by the collector
         for key, mask in self.selector.select(timeout):
             if key.fileobj is self._wake_r:
@@ -244,6 +310,7 @@ class Loop:
                     ready.on_readable()
                 if mask & selectors.EVENT_WRITE:
                     ready.flush()
+        self.driver.run_ready()
         self.flush_all()
 
     def flush_all(self) -> None:
@@ -273,6 +340,22 @@ class Loop:
         assert isinstance(pending, PendingCall)
         self.run_until(lambda: pending.done)
         return pending.unwrap()
+
+    def run(self, awaitable: Awaitable[T], timeout: float = TIMEOUT) -> T:
+        """Run a coroutine that awaits PB calls (``await ref.callRemote(...)``), turning the loop until it ends.
+
+        Returns its result, or raises its error; it is cancelled if it is not
+        done within *timeout* seconds.
+        """
+        task = self.driver.spawn(awaitable)  # runs it up to its first wait
+        try:
+            self.run_until(lambda: task.done, timeout)
+        finally:
+            task.cancel()  # nothing, if it is done
+        if task.error is not None:
+            raise task.error
+        result: T = task.result
+        return result
 
     def close(self) -> None:
         """Close every connection and listener, then the loop itself."""
@@ -309,6 +392,12 @@ def client_calls(loop: Loop, connection: Connection) -> list[str]:
         loop.call(root, "missing")
     except Exception as error:
         lines.append(f"missing() -> {type(error).__name__}: {error}")
+    # A Portal login: the factory's login is a coroutine (root.login, then
+    # challenger.respond), run by the loop's driver; so is respond on the server.
+    assert connection.factory is not None
+    avatar = loop.run(connection.factory.login(UsernamePassword("alice", USERS["alice"])))
+    lines.append(f"login(alice) -> {avatar!r}")
+    lines.append(f"avatar.whoami() -> {loop.call(avatar, 'whoami')!r}")
     return lines
 
 
@@ -320,17 +409,20 @@ def demo() -> int:
         if isinstance(event, DecRefReceived) and not connection.broker.is_client:
             released.append(event)
 
-    loop = Loop(root=DemoRoot(), on_event=on_event)
+    root = DemoRoot()
+    loop = Loop(root=root, on_event=on_event)
     try:
         host, port = loop.listen("127.0.0.1", 0)
         client = loop.connect(host, port)
         for line in client_calls(loop, client):
             print(line)
-        # The client's last RemoteReference to the Counter went away with
-        # client_calls(): its decref reaches the server on the next turns.
+        # The client's last RemoteReferences to the Counter and the avatar went
+        # away with client_calls(): their decrefs reach the server on the next
+        # turns, and letting go of the avatar logs alice out.
         gc.collect()
-        loop.run_until(lambda: any(event.freed for event in released))
-        print(f"server released the counter: {released[-1].freed}")
+        loop.run_until(lambda: any(event.freed for event in released) and not root.realm.online)
+        print(f"server released the counter: {released[0].freed}")
+        print("server logged alice out")
         client.close()
         loop.run_until(lambda: not loop.connections)
         print("closed cleanly")
@@ -374,4 +466,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # What pbcore logs (a served call that raised, a peer that broke the
+    # protocol) goes to stderr, one record per line plus any traceback.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main(sys.argv[1:]))

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
@@ -22,9 +23,20 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pbcore_blocking
 import pytest
 
-from pbcore import DeadReferenceError, PBConnectionLost, ProtocolError, copyTags, globalSecurity
+from pbcore import (
+    CopiedFailure,
+    DeadReferenceError,
+    PBClientFactory,
+    PBConnectionLost,
+    ProtocolError,
+    Unauthorized,
+    copyTags,
+    globalSecurity,
+)
+from pbcore.cred import UsernamePassword
 from pbcore.events import ConnectionClosed, Event
 from pbcore.jelly import unjellyableFactoryRegistry
 
@@ -39,6 +51,8 @@ counter(10) -> <RemoteReference 1>
 counter.increment() -> 11
 counter.increment(by=5) -> 16
 missing() -> CopiedFailure: twisted.spread.flavors.NoSuchMethod: No such method: remote_missing
+login(alice) -> <RemoteReference 3>
+avatar.whoami() -> 'alice'
 """
 
 
@@ -54,10 +68,11 @@ example = load_example()
 
 
 @contextmanager
-def serving() -> Iterator[tuple[int, list[tuple[bool, Event]]]]:
-    """The example's server in a thread: yields its port and the events its connections saw."""
+def serving(root: Any = None) -> Iterator[tuple[int, list[tuple[bool, Event]]]]:
+    """The example's server (of *root*, a DemoRoot by default) in a thread: yields its port and the events it saw."""
     seen: list[tuple[bool, Event]] = []
-    loop = example.Loop(root=example.DemoRoot(), on_event=lambda c, e: seen.append((c.broker.is_client, e)))
+    root = example.DemoRoot() if root is None else root
+    loop = example.Loop(root=root, on_event=lambda c, e: seen.append((c.broker.is_client, e)))
     _, port = loop.listen("127.0.0.1", 0)
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -78,8 +93,22 @@ def test_demo_mode() -> None:
         [sys.executable, str(EXAMPLE), "demo"], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
-    assert done.stdout == DEMO_OUTPUT + "server released the counter: True\nclosed cleanly\n"
+    assert done.stdout == DEMO_OUTPUT + "server released the counter: True\nserver logged alice out\nclosed cleanly\n"
+    assert_logged_missing_only(done.stderr)
+
+
+def assert_logged_missing_only(stderr: str) -> None:
+    """The server logged one thing: the call of missing() that raised, with its traceback (as Twisted would)."""
+    lines = stderr.splitlines()
+    assert len(lines) > 3, stderr
+    assert re.fullmatch(
+        r"ERROR pbcore\.serving: peer \('127\.0\.0\.1', \d+\): missing raised NoSuchMethod;"
+        r" the caller gets an error answer",
+        lines[0],
+    ), stderr
+    assert lines[1] == "Traceback (most recent call last):", stderr
+    assert all(line.startswith("  ") for line in lines[2:-1]), stderr
+    assert lines[-1] == "pbcore.errors.NoSuchMethod: No such method: remote_missing", stderr
 
 
 def test_server_and_client_modes() -> None:
@@ -96,10 +125,12 @@ def test_server_and_client_modes() -> None:
         )
         assert client.returncode == 0, client.stderr
         assert client.stdout == DEMO_OUTPUT
+        assert client.stderr == ""
         assert server.poll() is None  # the server outlives its clients
     finally:
         server.terminate()
-        server.communicate(timeout=10)
+        _, server_stderr = server.communicate(timeout=10)
+    assert_logged_missing_only(server_stderr)
 
 
 def test_usage() -> None:
@@ -173,6 +204,8 @@ def test_pending_calls_fail_when_the_server_goes_away() -> None:
 
 TWISTED_CLIENT = """
 import sys
+from twisted.cred import credentials
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
 from twisted.spread import pb
 
@@ -190,6 +223,12 @@ def main():
             yield root.callRemote("missing")
         except Exception as error:
             print("error:", error)
+        avatar = yield factory.login(credentials.UsernamePassword(b"alice", b"wonderland"))
+        print((yield avatar.callRemote("whoami")))
+        def refused(failure):
+            failure.trap(UnauthorizedLogin)
+            print("refused")
+        yield factory.login(credentials.UsernamePassword(b"alice", b"looking glass")).addErrback(refused)
     finally:
         reactor.stop()
 
@@ -202,12 +241,48 @@ reactor.run()
 def test_a_twisted_client_talks_to_the_example_server() -> None:
     if importlib.util.find_spec("twisted") is None:
         pytest.skip("Twisted is not installed")
-    with serving() as (port, _):
+    root = example.DemoRoot()
+    with serving(root) as (port, _):
         done = subprocess.run(
             [sys.executable, "-c", TWISTED_CLIENT, str(port)], capture_output=True, text=True, timeout=60, check=False
         )
+        # The client has gone: its connection's end logged alice out.
+        wait_for(lambda: root.realm.online == [])
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "['hi', 1.5, None]\n42\n3\nerror: No such method: remote_missing\n"
+    assert done.stdout == "['hi', 1.5, None]\n42\n3\nerror: No such method: remote_missing\nalice\nrefused\n"
+
+
+def wait_for(condition: Any, timeout: float = 10.0) -> None:
+    """Poll *condition* (set by the server's thread) until it holds; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.01)
+
+
+def test_a_blocking_client_logs_in_to_the_example_server() -> None:
+    """A Portal login served by the selector loop: respond() is async, the loop's driver runs it."""
+    root = example.DemoRoot()
+    with serving(root) as (port, seen), pbcore_blocking.connect(PBClientFactory(), "127.0.0.1", port) as connection:
+        with pytest.raises(CopiedFailure) as caught:
+            connection.login(UsernamePassword("alice", "looking glass"))
+        assert caught.value.check(Unauthorized) is Unauthorized
+        with pytest.raises(CopiedFailure) as caught:
+            connection.login(UsernamePassword("bob", "wonderland"))  # no such user: the same refusal
+        assert caught.value.check(Unauthorized) is Unauthorized
+        avatar = connection.login(UsernamePassword("alice", "wonderland"))
+        assert connection.call(avatar, "whoami") == "alice"
+        assert root.realm.online == ["alice"]
+        # The same connection's root still answers, and a second login is a second avatar.
+        assert connection.call(connection.root(), "add", 2, 3) == 5
+        again = connection.login(UsernamePassword("alice", "wonderland"))
+        assert connection.call(again, "whoami") == "alice"
+        wait_for(lambda: root.realm.online == ["alice", "alice"])
+        del again  # the client lets go of one avatar: its decref logs that one out
+        wait_for(lambda: root.realm.online == ["alice"])
+        connection.close()  # and the connection's end logs the other out
+        wait_for(lambda: root.realm.online == [])
+    assert not [event for _, event in seen if isinstance(event, ConnectionClosed) and event.reason is not None]
 
 
 # -- the docs ----------------------------------------------------------------------------

@@ -182,9 +182,14 @@ class Connection:
         if self.closed:
             return
         if self.broker.closed:
-            # The broker closed itself (say, a peer that kept exceeding
-            # MAX_BROKER_REFS; it called wake_up to get here at once): its
-            # ConnectionClosed event is queued; drop the socket.
+            # The broker closed itself (a peer that kept exceeding
+            # MAX_BROKER_REFS, or broker.close() from the application; it called
+            # wake_up to get here at once). Write what it queued before (the
+            # answers to earlier calls), as far as the socket takes it now, and
+            # drop the socket.
+            self.outgoing += self.broker.data_to_send()
+            with contextlib.suppress(OSError):
+                self.sock.send(self.outgoing)
             self.close(self.broker.close_reason)
             return
         self.outgoing += self.broker.data_to_send()

@@ -27,11 +27,13 @@ import pbcore_blocking
 import pytest
 
 from pbcore import (
+    Broker,
     CopiedFailure,
     DeadReferenceError,
     PBClientFactory,
     PBConnectionLost,
     ProtocolError,
+    Referenceable,
     Unauthorized,
     copyTags,
     globalSecurity,
@@ -153,6 +155,40 @@ def test_partial_writes_on_both_sides() -> None:
         big = bytes(range(256)) * 2048
         assert loop.call(client.broker.root(), "echo", big) == big
         assert all(connection.partial_writes > 0 for connection in loop.connections)
+    finally:
+        loop.close()
+
+
+class Hangup(Referenceable):
+    """A root whose ``hangup`` closes its own connection (``broker.close()``, as an application may)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def remote_hello(self) -> str:
+        return "hello"
+
+    def remote_hangup(self) -> None:
+        self.broker.close(ConnectionAbortedError("hung up"))
+
+
+class HangupRoot:
+    def rootObject(self, broker: Broker) -> Hangup:
+        return Hangup(broker)
+
+
+def test_a_broker_that_closes_itself_closes_its_socket_after_writing_its_answers() -> None:
+    loop = example.Loop(root=HangupRoot())
+    try:
+        host, port = loop.listen("127.0.0.1", 0)
+        client = loop.connect(host, port)
+        root = client.broker.root()
+        hello = root.callRemote("hello")
+        hangup = root.callRemote("hangup")  # read with hello: hello's answer is queued, then the broker closes
+        loop.run_until(lambda: client.closed)
+        assert hello.unwrap() == "hello"
+        assert isinstance(hangup.error, PBConnectionLost)
+        assert not loop.connections  # the server's side closed its socket too
     finally:
         loop.close()
 

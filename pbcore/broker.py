@@ -28,9 +28,8 @@ that call: the messages were well formed, so the connection lives on.
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 from .banana import DEFAULT_LIMITS, DIALECTS, Decoder, Encoder, Limits, Sexp
@@ -65,7 +64,7 @@ from .flavors import (
 from .isolation import run_isolated
 from .jelly import SecurityOptions, Unjellier, globalSecurity
 
-__all__ = ["PROTOCOL_VERSION", "Broker", "Pending", "PendingCall", "serve_call"]
+__all__ = ["PROTOCOL_VERSION", "Broker", "Pending", "PendingCall"]
 
 #: The PB protocol version both sides announce.
 PROTOCOL_VERSION = 6
@@ -787,40 +786,6 @@ Broker._COMMANDS = {
     b"decache": Broker._decache,
     b"uncache": Broker._uncache,
 }
-
-
-def serve_call(broker: Broker, event: CallReceived) -> Coroutine[Any, Any, None] | None:
-    """Run one received call and answer it: what every adapter does with a CallReceived.
-
-    The method runs now, so calls start in the order they arrived (a cache's
-    update runs before the answer that followed it is seen). If it returns a
-    value, or raises, the answer (or error) is queued at once and None is
-    returned. If it returns an awaitable, the coroutine returned here awaits
-    it and then answers: the adapter schedules it in its framework. Nothing
-    is sent for a one-way call.
-    """
-    try:
-        result = event.invoke()
-    except Exception as error:
-        if event.answer_required:
-            broker.send_error(event.request_id, error)
-        return None
-    if inspect.isawaitable(result):
-        return _answer_when_done(broker, event, result)
-    if event.answer_required:
-        broker.send_answer(event.request_id, result, event.perspective)
-    return None
-
-
-async def _answer_when_done(broker: Broker, event: CallReceived, awaitable: Awaitable[Any]) -> None:
-    try:
-        result = await awaitable
-    except Exception as error:
-        if event.answer_required:
-            broker.send_error(event.request_id, error)
-        return
-    if event.answer_required:
-        broker.send_answer(event.request_id, result, event.perspective)
 
 
 def _keyword(key: Any) -> str:

@@ -20,9 +20,12 @@ The rules, in one place:
   answer naming the original exception's type (a relayed
   :class:`~pbcore.flavors.CopiedFailure` keeps the far end's type, value,
   traceback and parents). Nothing the application does drops the connection
-  or leaves the caller waiting. An exception that is not a
-  :class:`~pbcore.errors.Error` is logged with its traceback (the
-  ``pbcore.serving`` logger), as Twisted logs what its peer will receive.
+  or leaves the caller waiting. An exception is logged with its traceback
+  (the ``pbcore.serving`` logger, at ERROR), as Twisted logs what its peer
+  will receive; a refusal meant for the caller (a :class:`~pbcore.errors.Error`,
+  a :class:`~pbcore.errors.NoSuchMethod`, a refused login) is one line
+  without a traceback (DEBUG for an Error, INFO for the others), so that a
+  peer cannot fill the log with them.
 * **No deadlock.** A call never waits for a slot: PB's central idiom is a
   call that awaits a call back into its caller, which awaits a call to us,
   and so on; a slot that only a later message can free deadlocks such a call
@@ -47,7 +50,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from typing import Any
 
 from .broker import Broker
-from .errors import Error
+from .cred import LoginFailed
+from .errors import Error, NoSuchMethod
 from .events import CallReceived, Event
 from .isolation import describe
 
@@ -273,17 +277,16 @@ class Dispatcher:
 
     def _fail(self, event: CallReceived, error: BaseException, *, log_it: bool = True) -> None:
         if log_it:
-            # As Twisted: a pb.Error is an expected answer; anything else is a bug worth a traceback.
-            level = logging.DEBUG if isinstance(error, Error) else logging.ERROR
-            log.log(
-                level,
-                "%s: %s raised %s; %s\n%s",
-                _peer(self.broker),
-                event.method,
-                type(error).__name__,
-                "the caller gets an error answer" if event.answer_required else "it was a one-way call",
-                describe(error),
-            )
+            peer, outcome = _peer(self.broker), _outcome(event)
+            if isinstance(error, _EXPECTED):
+                # A refusal the caller is meant to get (a pb.Error, a refused login, a missing
+                # method): one line, no traceback, so that a peer cannot flood the log with them.
+                level = logging.DEBUG if isinstance(error, Error) else logging.INFO
+                log.log(level, "%s: %s raised %s: %s; %s", peer, event.method, type(error).__name__, error, outcome)
+            else:
+                log.error(
+                    "%s: %s raised %s; %s\n%s", peer, event.method, type(error).__name__, outcome, describe(error)
+                )
         if event.answer_required:
             self.broker.send_error(event.request_id, error)
 
@@ -304,6 +307,14 @@ class Dispatcher:
                 task.cancel()
             except Exception as error:
                 log.error("%s: cancelling %r failed\n%s", _peer(self.broker), task, describe(error))
+
+
+#: Exceptions that are answers, not bugs: logged without a traceback.
+_EXPECTED = (Error, NoSuchMethod, LoginFailed)
+
+
+def _outcome(event: CallReceived) -> str:
+    return "the caller gets an error answer" if event.answer_required else "it was a one-way call"
 
 
 def _peer(broker: Broker) -> str:

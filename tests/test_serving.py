@@ -538,3 +538,12 @@ def test_closing_from_this_side_keeps_what_was_queued_and_losing_the_transport_d
     other_root.callRemote("echo", 1)
     other.client.connection_lost(None)
     assert other.client.data_to_send() == b""
+
+
+def test_a_missing_method_is_one_info_line_without_a_traceback(records: pytest.LogCaptureFixture) -> None:
+    pair, _, root = pair_with_server()
+    error = outcome(pair, root.callRemote("no_such_thing"))
+    assert isinstance(error, CopiedFailure) and "NoSuchMethod" in error.type
+    [line] = [r for r in records.records if r.name == "pbcore.serving"]
+    assert line.levelno == logging.INFO and "Traceback" not in line.getMessage()
+    assert "no_such_thing raised NoSuchMethod" in line.getMessage()

@@ -99,8 +99,11 @@ class Connection(asyncio.BufferedProtocol):
         self.peer: Any = None
         self._broker: Broker | None = None
         self._dispatcher: Dispatcher | None = None
-        self._busy = False  # feeding the broker: its output is flushed at the end
+        self._busy = False  # feeding the broker: its output is written at the end
         self._flush_scheduled = False
+        # Output taken from the broker as soon as it is queued (so that it
+        # survives the broker closing itself), written once per batch.
+        self._held = bytearray()
         self._idle: asyncio.Future[None] | None = None  # set once no served call runs
         self._abort: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -168,7 +171,7 @@ class Connection(asyncio.BufferedProtocol):
                     # Answers go out together, in one write per batch of
                     # calls; but a batch that has collected enough is written
                     # now, so that the transport can pause reading early.
-                    if broker.bytes_to_send >= WRITE_SIZE:
+                    if len(self._held) >= WRITE_SIZE:
                         self._flush()
         finally:
             self._busy = False
@@ -279,24 +282,34 @@ class Connection(asyncio.BufferedProtocol):
             return
         if transport.is_closing():
             return
-        data = broker.data_to_send()
-        if data:
-            transport.write(data)
+        held = self._held
+        held += broker.data_to_send()  # and the releases queued from other threads
+        if held:
+            self._held = bytearray()  # the transport may keep the one it is given
+            transport.write(held)
 
     def _close_transport(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing() or self._closed.done():
             return
+        if self._held:  # what was sent before the broker closed still goes out
+            held, self._held = self._held, bytearray()
+            transport.write(held)
         transport.close()
         # close() waits for the write buffer to drain: not forever.
         self._abort = self._loop.call_later(CLOSE_TIMEOUT, transport.abort)
 
     def _output_queued(self) -> None:
         # The broker, in the loop's thread, has new output (or has closed).
-        if self._broker is not None and self._broker.closed:
+        broker = self._broker
+        if broker is None:
+            return
+        if broker.closed:
             self._close_transport()
-        elif not self._busy and not self._flush_scheduled:
-            # One flush for everything queued until then (a window of calls).
+            return
+        self._held += broker.data_to_send()
+        if not self._busy and not self._flush_scheduled:
+            # One write for everything queued until then (a window of calls).
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 

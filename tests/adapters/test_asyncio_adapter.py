@@ -486,6 +486,25 @@ def test_a_broker_that_closes_itself_over_max_broker_refs_closes_its_socket(monk
     run(body)
 
 
+def test_answers_sent_before_the_broker_closed_itself_still_go_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker_module, "MAX_BROKER_REFS", 4)
+
+    async def body() -> None:
+        server = await served()
+        factory = PBClientFactory()
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
+        root = await factory.getRootObject()
+        # One batch: 4 answers, 3 refusals, then the fourth refusal closes the server's broker.
+        calls = [root.callRemote("thing", n) for n in range(8)]
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        kinds = [type(outcome).__name__ for outcome in outcomes]
+        assert kinds == ["RemoteReference"] * 4 + ["CopiedFailure"] * 3 + ["PBConnectionLost"]
+        await asyncio.wait_for(connection.wait_closed(), 5)
+        await server.aclose()
+
+    run(body)
+
+
 # -- the server: where, who, closing --------------------------------------------------------------
 
 

@@ -314,14 +314,16 @@ class Connection(asyncio.BufferedProtocol):
             self._loop.call_soon(self._flush)
 
     def _wake_up(self) -> None:
-        # From another thread (a finalizer's decref) go through the
-        # thread-safe path; a closed loop raises RuntimeError, and then the
-        # connection is gone anyway.
+        # A finalizer queued a decref: only schedule a flush (it may run in
+        # the middle of the broker's work, where the broker must not be used).
+        # From another thread go through the thread-safe path; a closed loop
+        # raises RuntimeError, and then the connection is gone anyway.
         if threading.get_ident() != self._loop_thread:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._flush)
-        else:
-            self._output_queued()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
 
 # -- servers -------------------------------------------------------------------------------------

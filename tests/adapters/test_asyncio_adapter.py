@@ -7,6 +7,7 @@ import gc
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -231,6 +232,30 @@ def test_calls_references_copies_caches_and_errors() -> None:
         assert root_object.gauge.observers == []
         connection.close()
         await connection.wait_closed()
+        await server.aclose()
+
+    run(body)
+
+
+def test_a_reference_collected_in_another_thread_is_released() -> None:
+    async def body() -> None:
+        server = await served()
+        factory = PBClientFactory()
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port):
+            root = await factory.getRootObject()
+            held = [await root.callRemote("thing", 1)]
+            [server_connection] = server.connections
+            assert len(server_connection.broker.localObjects) == 2
+            await until(lambda: gc.get_referrers(held[0]) == [held], "the call's future to let go of its result")
+
+            def drop() -> None:
+                held.clear()  # the last reference: its decref is queued from this thread
+                gc.collect()
+
+            worker = threading.Thread(target=drop)
+            worker.start()
+            worker.join(10)
+            await until(lambda: list(server_connection.broker.localObjects) == [b"root"], "the decref")
         await server.aclose()
 
     run(body)

@@ -13,9 +13,9 @@
 A call's result is an :class:`asyncio.Future`; ``asyncio.wait_for(ref.callRemote(...),
 timeout)`` and task cancellation cancel it, and a late answer is dropped.
 Remote methods may be ``async``: each served call runs in a task of its own,
-which is cancelled if its connection ends first. This is also the adapter for
-anyio applications on the asyncio backend. It uses only the event loop's
-public API, so it runs on uvloop too.
+which is cancelled if its connection ends first. An anyio application on the
+asyncio backend may use it too (``pbcore_anyio`` runs on either backend). It
+uses only the event loop's public API, so it runs on uvloop too.
 
 The protocol and the call policy live in :mod:`pbcore` (the rules are in
 docs/adapters.md): this module moves bytes, runs the calls

@@ -2,7 +2,7 @@
 
 Twisted runs in its own process with its own reactor (tests/interop/twisted_peer.py,
 driven through tests/interop/peers.py); it imports no pbcore. Both directions, for
-each adapter (asyncio, trio, blocking):
+each adapter (asyncio, trio, anyio on each backend, blocking):
 
 * **our client, a Twisted server.** Each scenario is one coroutine that awaits only
   PB results, so one definition runs under every adapter: :func:`run_client`
@@ -30,6 +30,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, NamedTuple
 
+import anyio
+import pbcore_anyio
 import pbcore_asyncio
 import pbcore_blocking
 import pbcore_trio
@@ -56,7 +58,7 @@ from tests.interop.peers import by_step, run_twisted_client, twisted_server
 pytest.importorskip("twisted.spread.pb")
 
 HOST = "127.0.0.1"
-ADAPTERS = ("asyncio", "trio", "blocking")
+ADAPTERS = ("asyncio", "trio", "anyio-asyncio", "anyio-trio", "blocking")
 #: Bounds each call (blocking adapter), connecting and closing.
 CALL_TIMEOUT = 10.0
 #: Bounds a whole scenario, or a whole Twisted client script with our server.
@@ -106,6 +108,14 @@ def run_client(adapter: str, port: int, scenario: Scenario) -> None:
                     await scenario(factory)
 
         trio.run(on_trio)
+    elif adapter.startswith("anyio-"):
+
+        async def on_anyio() -> None:
+            with anyio.fail_after(SCENARIO_TIMEOUT):
+                async with pbcore_anyio.open_connection(factory, HOST, port):
+                    await scenario(factory)
+
+        anyio.run(on_anyio, backend=adapter.removeprefix("anyio-"))
     else:
         assert adapter == "blocking"
         with pbcore_blocking.connect(factory, HOST, port, timeout=CALL_TIMEOUT) as connection:
@@ -346,6 +356,19 @@ def run_script(
                     return ScriptRun(outcomes_of(steps), settled())
 
         return trio.run(on_trio)
+    if server.startswith("anyio-"):
+
+        async def on_anyio() -> ScriptRun:
+            with anyio.fail_after(SCENARIO_TIMEOUT):
+                async with pbcore_anyio.open_server(factory, HOST, 0) as listening:
+                    steps = await anyio.to_thread.run_sync(run_twisted_client, listening.port, script)
+                    for _ in range(rounds):
+                        if settled():
+                            break
+                        await anyio.sleep(0.01)
+                    return ScriptRun(outcomes_of(steps), settled())
+
+        return anyio.run(on_anyio, backend=server.removeprefix("anyio-"))
     assert server == "blocking"
     with pbcore_blocking.serve(factory, HOST, 0, timeout=CALL_TIMEOUT) as listening:
         steps = run_twisted_client(listening.port, script)

@@ -48,6 +48,7 @@ from anyio.streams.tls import TLSStream
 from pbcore.broker import Broker, PendingCall
 from pbcore.errors import ProtocolError
 from pbcore.factory import PBClientFactory, PBServerFactory
+from pbcore.isolation import describe
 from pbcore.serving import Dispatcher
 
 __all__ = [
@@ -131,8 +132,8 @@ class _Waker:
                 while self._due:
                     try:
                         self._due.popleft()()
-                    except Exception:
-                        log.exception("a wake-up failed")
+                    except Exception as error:
+                        log.error("a wake-up failed\n%s", describe(error))
         finally:
             self._receiver.close()
             self._sender.close()
@@ -280,8 +281,8 @@ class Connection:
         try:
             with scope:
                 await call
-        except Exception:  # the call answers what its method raises: this is a bug, kept in this connection
-            log.exception("%s: running a call failed", self.peer)
+        except Exception as error:  # the call answers what its method raises: a bug, kept in this connection
+            log.error("%s: running a call failed\n%s", self.peer, describe(error))
 
     async def _writer(self) -> None:
         with self._write_scope:
@@ -376,16 +377,16 @@ class Server:
                     await anyio.aclose_forcefully(stream)
                     return
             connection = Connection(stream, factory.make_broker, waker.call_soon)
-        except Exception:  # the application's rootObject(), say
-            log.exception("could not serve %s", peer)
+        except Exception as error:  # the application's rootObject(), say
+            log.error("could not serve %s\n%s", peer, describe(error))
             await anyio.aclose_forcefully(stream)
             return
         log.debug("accepted a connection from %s", peer)
         self.connections.add(connection)
         try:
             await connection.run()
-        except Exception:
-            log.exception("serving %s failed", peer)
+        except Exception as error:
+            log.error("serving %s failed\n%s", peer, describe(error))
         finally:
             self.connections.discard(connection)
             log.debug("the connection from %s closed (%s)", peer, connection.close_reason or "no error")

@@ -70,7 +70,7 @@ CHUNK = 64 * 1024
 HIGH_WATER = 256 * 1024
 #: How long a client leaving its ``async with`` block waits for its queued bytes to be written.
 CLOSE_TIMEOUT = 5.0
-#: How long a server waits for a TLS handshake.
+#: How long a TLS handshake may take.
 HANDSHAKE_TIMEOUT = 30.0
 #: After a failed accept (out of file descriptors, say), the wait before the next.
 ACCEPT_RETRY = 0.1
@@ -368,13 +368,9 @@ class Server:
         try:
             if ssl_context is not None:
                 try:
-                    with anyio.fail_after(HANDSHAKE_TIMEOUT):
-                        stream = await TLSStream.wrap(
-                            stream, server_side=True, ssl_context=ssl_context, standard_compatible=False
-                        )
+                    stream = await _start_tls(stream, ssl_context, None)
                 except Exception as error:
                     log.warning("the TLS handshake with %s failed: %r", peer, error)
-                    await anyio.aclose_forcefully(stream)
                     return
             connection = Connection(stream, factory.make_broker, waker.call_soon)
         except Exception as error:  # the application's rootObject(), say
@@ -512,9 +508,17 @@ async def _client(factory: PBClientFactory, stream: ByteStream) -> AsyncIterator
         raise raised
 
 
-async def _start_tls(stream: ByteStream, ssl_context: ssl.SSLContext, hostname: str) -> ByteStream:
+async def _start_tls(stream: ByteStream, ssl_context: ssl.SSLContext, hostname: str | None) -> ByteStream:
+    """TLS over *stream*: the server side when *hostname* is None; *stream* is closed if it fails."""
     try:
-        return await TLSStream.wrap(stream, hostname=hostname, ssl_context=ssl_context, standard_compatible=False)
+        with anyio.fail_after(HANDSHAKE_TIMEOUT):
+            return await TLSStream.wrap(
+                stream,
+                server_side=hostname is None,
+                hostname=hostname,
+                ssl_context=ssl_context,
+                standard_compatible=False,
+            )
     except BaseException:
         await anyio.aclose_forcefully(stream)
         raise

@@ -536,7 +536,8 @@ def test_serve_in_a_task_group_until_closed(backend: str) -> None:
     run(backend, body)
 
 
-def test_tls(backend: str, tmp_path: Path) -> None:
+def test_tls(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(pbcore_anyio, "HANDSHAKE_TIMEOUT", 0.3)
     cert, key = make_certificate(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
@@ -559,6 +560,15 @@ def test_tls(backend: str, tmp_path: Path) -> None:
                     PBClientFactory(), HOST, server.port, ssl_context=ssl.create_default_context()
                 ):
                     pass
+            # Plain text, or silence, where a handshake is due: that connection is dropped.
+            for opening in (b"\x02\x82pb", b""):
+                raw = await anyio.connect_tcp(HOST, server.port)
+                if opening:
+                    await raw.send(opening)
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    while True:
+                        await raw.receive()
+                await raw.aclose()
             factory = PBClientFactory()
             async with pbcore_anyio.open_connection(
                 factory, HOST, server.port, ssl_context=client_context, server_hostname="localhost"
@@ -566,7 +576,10 @@ def test_tls(backend: str, tmp_path: Path) -> None:
                 root = await factory.getRootObject()
                 assert await root.callRemote("echo", "again") == [["again"], {}]
 
-    run(backend, body)
+    with caplog.at_level(logging.WARNING, logger="pbcore.anyio"):
+        run(backend, body)
+    failed = [r for r in caplog.records if r.getMessage().startswith("the TLS handshake with")]
+    assert len(failed) == 3  # the untrusting client, the plain text, the silence
 
 
 def test_unix_sockets(backend: str, tmp_path: Path) -> None:

@@ -292,6 +292,8 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self._closed.done():
             return
+        if self._broker is not None:
+            self._held += self._broker.data_to_send()  # after broker.close(), what it had queued
         if self._held:  # what was sent before the broker closed still goes out
             held, self._held = self._held, bytearray()
             transport.write(held)

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from .banana import DEFAULT_LIMITS, DIALECTS, Decoder, Encoder, Limits, Sexp
 from .codec import ValueEncoder
 from .errors import (
+    CallTimedOut,
     DeadReferenceError,
     Error,
     JellyError,
@@ -63,6 +64,7 @@ from .flavors import (
 )
 from .isolation import run_isolated
 from .jelly import SecurityOptions, Unjellier, globalSecurity
+from .timers import DEFAULT_TIMEOUTS, Timeouts
 
 __all__ = ["PROTOCOL_VERSION", "Broker", "Pending", "PendingCall"]
 
@@ -188,10 +190,18 @@ class Broker:
         wake_up: Callable[[], None] | None = None,
         on_output: Callable[[], None] | None = None,
         peer: Any = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.is_client = is_client
         #: The peer's address (as the transport gives it), or None.
         self.peer = peer
+        #: How long this connection waits (run by :class:`pbcore.timers.ConnectionTimers`).
+        self.timeouts = timeouts
+        #: Bytes received so far, and the first few of them (for a handshake's diagnosis).
+        self.bytes_received = 0
+        self.first_bytes = b""
+        self._new_deadlines: list[tuple[int, float]] = []  # (request id, seconds), not armed yet
+        self._deadline_names: dict[int, str] = {}  # request id -> method, for calls with a deadline
         self.security = security
         self.limits = limits
         self.unsafe_tracebacks = unsafe_tracebacks
@@ -251,6 +261,9 @@ class Broker:
         """Parse bytes from the peer; raises ProtocolError (after closing) on bad input."""
         if self.closed:
             return
+        if len(self.first_bytes) < 64:
+            self.first_bytes += bytes(data[: 64 - len(self.first_bytes)])
+        self.bytes_received += len(data)
         try:
             self._decoder.feed(data)
             while not self.closed:
@@ -336,6 +349,8 @@ class Broker:
         self._cached_luids.clear()
         self.locallyCachedObjects.clear()
         self._on_release.clear()
+        self._new_deadlines.clear()
+        self._deadline_names.clear()
         self._connects = None
         self._root = None
         self._events.append(ConnectionClosed(reason))
@@ -503,8 +518,14 @@ class Broker:
         *,
         answer: bool = True,
         cache: bool = False,
+        timeout: float | None = None,
     ) -> Pending | None:
-        """Send a call (to a peer's cache if *cache*); return its pending result (None if one-way)."""
+        """Send a call (to a peer's cache if *cache*); return its pending result (None if one-way).
+
+        With a *timeout* (seconds), the call fails with
+        :class:`~pbcore.errors.CallTimedOut` if no answer has come by then
+        (the adapter's :class:`~pbcore.timers.ConnectionTimers` keeps the time).
+        """
         if self.closed:
             raise DeadReferenceError("Calling Stale Broker")
         self._next_request += 1
@@ -516,7 +537,37 @@ class Broker:
             return None
         pending = self.pending_factory()
         self._waiting[request_id] = pending
+        if timeout is not None:
+            self._new_deadlines.append((request_id, timeout))
+            self._deadline_names[request_id] = name
         return pending
+
+    def take_new_deadlines(self) -> list[tuple[int, float]]:
+        """The ``(request id, seconds)`` of the calls made with a timeout since the last time."""
+        new, self._new_deadlines = self._new_deadlines, []
+        return new
+
+    def expire_call(self, request_id: int) -> None:
+        """Fail call *request_id* with CallTimedOut if it is still waiting; its late answer will be dropped."""
+        name = self._deadline_names.pop(request_id, "a method")
+        pending = self._waiting.pop(request_id, None)
+        if pending is not None:
+            peer = "the peer" if self.peer is None else f"peer {self.peer}"
+            pending.fail(CallTimedOut(f"{name}: no answer from {peer} in time"))
+
+    def send_probe(self) -> None:
+        """Send a keepalive probe: a call to object id 0, which every PB peer answers at once, quietly.
+
+        No PB peer allocates id 0, so the peer (Twisted's too) answers with an
+        "Invalid Object ID" error answer and logs nothing; that answer is
+        dropped here. What counts is that bytes come back.
+        """
+        if self.closed or not self.ready:
+            return
+        self._next_request += 1
+        request_id = self._next_request
+        self._send_values([b"message", request_id, 0, b"pbcore_keepalive", 1], [(), {}], None)
+        self._waiting[request_id] = PendingCall()  # no one awaits it: not the adapter's kind
 
     def send_answer(self, request_id: int, result: Any, perspective: Any = None) -> BaseException | None:
         """Answer the peer's call *request_id* with *result*.
@@ -559,10 +610,16 @@ class Broker:
         """Stop waiting for a call (its pending result or request id): a late answer is dropped."""
         if isinstance(call, int):
             self._waiting.pop(call, None)
+            self._deadline_names.pop(call, None)
             return
         for request_id, pending in list(self._waiting.items()):
             if pending is call:
                 del self._waiting[request_id]
+                self._deadline_names.pop(request_id, None)
+
+    def has_deadline(self, request_id: int) -> bool:
+        """Whether call *request_id* still waits for an answer under a deadline."""
+        return request_id in self._deadline_names
 
     def _send_values(self, head: list[Sexp], values: list[Any], perspective: Any) -> None:
         if self.dialect is None:
@@ -722,6 +779,7 @@ class Broker:
             if 0 < request_id <= self._next_request:
                 return None  # cancelled locally: the late answer is dropped
             raise MessageError(f"answer to request {request_id}, which was never sent")
+        self._deadline_names.pop(request_id, None)
         return self._waiting.pop(request_id)
 
     def _decref(self, expression: list[Any]) -> None:

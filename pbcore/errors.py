@@ -15,6 +15,8 @@ from __future__ import annotations
 
 __all__ = [
     "BananaError",
+    "CallTimedOut",
+    "ConnectionTimedOut",
     "DeadReferenceError",
     "Error",
     "InsecureJelly",
@@ -81,6 +83,17 @@ class DeadReferenceError(Exception):
 
 class PBConnectionLost(Exception):
     """The connection was lost before the call was answered."""
+
+
+class ConnectionTimedOut(TimeoutError):
+    """The connection was closed by a timer: no handshake in time, or a peer gone silent.
+
+    Pending calls fail with a :class:`PBConnectionLost` carrying it.
+    """
+
+
+class CallTimedOut(TimeoutError):
+    """A call got no answer within its deadline (``callRemote(..., pbtimeout=seconds)``)."""
 
 
 def connection_lost_error(reason: BaseException | None) -> PBConnectionLost:

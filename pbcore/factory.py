@@ -19,6 +19,7 @@ from .cred import Anonymous, respond
 from .errors import Error, connection_lost_error
 from .flavors import RemoteReference
 from .jelly import SecurityOptions, globalSecurity
+from .timers import DEFAULT_TIMEOUTS, Timeouts
 
 __all__ = ["PBClientFactory", "PBServerFactory"]
 
@@ -32,11 +33,14 @@ class PBServerFactory:
         unsafeTracebacks: bool = False,
         security: SecurityOptions = globalSecurity,
         limits: Limits = DEFAULT_LIMITS,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.root = root
         self.unsafeTracebacks = unsafeTracebacks
         self.security = security
         self.limits = limits
+        #: Handshake, keepalive and dead-peer timeouts of every connection (see pbcore.timers).
+        self.timeouts = timeouts
 
     def make_broker(self, **adapter_options: Any) -> Broker:
         """A broker for one accepted connection (*adapter_options*: pending_factory, wake_up, on_output)."""
@@ -46,6 +50,7 @@ class PBServerFactory:
             security=self.security,
             limits=self.limits,
             unsafe_tracebacks=self.unsafeTracebacks,
+            timeouts=self.timeouts,
             **adapter_options,
         )
 
@@ -58,10 +63,13 @@ class PBClientFactory:
         unsafeTracebacks: bool = False,
         security: SecurityOptions = globalSecurity,
         limits: Limits = DEFAULT_LIMITS,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.unsafeTracebacks = unsafeTracebacks
         self.security = security
         self.limits = limits
+        #: Handshake, keepalive and dead-peer timeouts of the connection (see pbcore.timers).
+        self.timeouts = timeouts
         self.broker: Broker | None = None
         self._close: Callable[[], object] | None = None
 
@@ -72,6 +80,7 @@ class PBClientFactory:
             security=self.security,
             limits=self.limits,
             unsafe_tracebacks=self.unsafeTracebacks,
+            timeouts=self.timeouts,
             **adapter_options,
         )
         self._close = close

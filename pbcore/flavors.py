@@ -249,8 +249,10 @@ class RemoteCacheObserver:
         luid = self.broker.cachedRemotelyAs(self.cached)
         if luid is None:
             raise Error("this cache is no longer held by the peer")
-        answer = kw.pop("pbanswer", True)
-        return self.broker.send_call(self.perspective, luid, name, args, kw, answer=bool(answer), cache=True)
+        answer, timeout = kw.pop("pbanswer", True), kw.pop("pbtimeout", None)
+        return self.broker.send_call(
+            self.perspective, luid, name, args, kw, answer=bool(answer), cache=True, timeout=timeout
+        )
 
     def remoteMethod(self, key: str) -> RemoteMethod:
         """A callable for one ``observe_`` method."""
@@ -376,11 +378,15 @@ class RemoteReference(Serializable):
 
         Returns the pending result the broker's adapter makes (an awaitable in
         asyncio and trio). With ``pbanswer=False`` the call is one-way and
-        returns None. Raises :class:`DeadReferenceError` once the connection is gone.
+        returns None. With ``pbtimeout=seconds`` it fails with
+        :class:`~pbcore.errors.CallTimedOut` if no answer has come by then
+        (a keyword of PB's own, as ``pbanswer`` is, so that a remote method's
+        own ``timeout`` argument still passes). Raises
+        :class:`DeadReferenceError` once the connection is gone.
         """
         name = _name.decode("utf-8") if isinstance(_name, bytes) else _name
-        answer = kw.pop("pbanswer", True)
-        return self.broker.send_call(self.perspective, self.luid, name, args, kw, answer=bool(answer))
+        answer, timeout = kw.pop("pbanswer", True), kw.pop("pbtimeout", None)
+        return self.broker.send_call(self.perspective, self.luid, name, args, kw, answer=bool(answer), timeout=timeout)
 
     def remoteMethod(self, key: str) -> RemoteMethod:
         """A callable for one method: ``ref.remoteMethod("x")(1)`` is ``ref.callRemote("x", 1)``."""

@@ -7,6 +7,7 @@ bytes are fed in, so the exchange is driven by hand, step by step.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Iterator
 from typing import Any
@@ -19,11 +20,13 @@ from pbcore.driver import CoroutineDriver
 from pbcore.errors import Error, NoSuchMethod, PBConnectionLost, ProtocolError
 from pbcore.events import CallReceived, DecRefReceived
 from pbcore.serving import Dispatcher
+from pbcore.timers import ConnectionTimers
 
 pb: Any = pytest.importorskip("twisted.spread.pb")
 testing: Any = pytest.importorskip("twisted.internet.testing")
 twisted_jelly: Any = pytest.importorskip("twisted.spread.jelly")
 failure: Any = pytest.importorskip("twisted.python.failure")
+twisted_logger: Any = pytest.importorskip("twisted.logger")
 
 
 # -- the Twisted side ------------------------------------------------------------------
@@ -486,3 +489,48 @@ def test_observers_stop_when_the_connection_drops(counter_registered: None) -> N
         gc.collect()
     finally:
         twisted_jelly.unjellyableRegistry.pop(b"tests.interop.test_twisted_broker.Counter", None)
+
+
+# -- keepalive against Twisted (pbcore.timers, driven by a fake clock) --------------------------------
+
+
+@contextlib.contextmanager
+def twisted_log() -> Iterator[list[dict[str, Any]]]:
+    """Every event Twisted's global log publisher sees meanwhile."""
+    events: list[dict[str, Any]] = []
+    observer = events.append
+    twisted_logger.globalLogPublisher.addObserver(observer)
+    try:
+        yield events
+    finally:
+        twisted_logger.globalLogPublisher.removeObserver(observer)
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_an_hour_of_keepalive_probes_against_twisted_logs_nothing_there(side: str) -> None:
+    """Probed every minute for an hour of (fake) time, a Twisted peer answers each probe and logs nothing."""
+    with twisted_log() as logged:
+        if side == "client":
+            connection, twisted_root = served_by_twisted(), None  # we are Twisted's client
+        else:
+            connection, twisted_root = served_by_pbcore()  # Twisted is our client
+        ours = connection.ours
+        timers = ConnectionTimers(ours)
+        probes, now = 0, 0.0
+        while now < 3600.0:
+            deadline = timers.poll(now)
+            assert deadline is not None and deadline > now
+            now = deadline
+            before = ours.bytes_received
+            timers.poll(now)  # due: the probe goes out
+            probes += b"pbcore_keepalive" in ours._out
+            connection.pump()  # Twisted answers at once
+            assert ours.bytes_received > before, "Twisted did not answer the probe"
+        assert probes >= 59 and not ours.closed
+        # And the connection still works both ways.
+        if twisted_root is None:
+            assert call(connection, ours.root(), "echo", 7).unwrap() == [[7], {}]
+        else:
+            assert twisted_call(connection, twisted_root, "echo", 7) == ("ok", [[7], {}])
+    said = [event for event in logged if event.get("log_level") not in (None, twisted_logger.LogLevel.debug)]
+    assert said == [], said

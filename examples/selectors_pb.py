@@ -34,6 +34,7 @@ from pbcore.cred import Avatar, InMemoryPasswordChecker, IPerspective, Portal, U
 from pbcore.driver import CoroutineDriver
 from pbcore.events import DecRefReceived, Event
 from pbcore.serving import Dispatcher
+from pbcore.timers import DEFAULT_TIMEOUTS, ConnectionTimers, Timeouts
 
 #: How long any one wait in this example may take before it gives up.
 TIMEOUT = 5.0
@@ -133,6 +134,11 @@ class Connection:
         # ones run in the loop's driver; every outcome is an answer; running
         # calls are cancelled when the broker closes.
         self.dispatcher = Dispatcher(broker, loop.driver.spawn_call)
+        # The core keeps time (handshake timeout, keepalive, dead peers, call
+        # deadlines) when given it: flush() polls, run_once() waits no longer
+        # than the earliest deadline.
+        self.timers = ConnectionTimers(broker)
+        self.deadline: float | None = None
         #: Bytes the broker produced that the socket has not taken yet.
         self.outgoing = bytearray()
         self.closed = False
@@ -181,6 +187,7 @@ class Connection:
         """Write what the broker has queued; keep the rest for when the socket is writable."""
         if self.closed:
             return
+        self.deadline = self.timers.poll(time.monotonic())  # may probe, or close the broker
         if self.broker.closed:
             # The broker closed itself (a peer that kept exceeding
             # MAX_BROKER_REFS, or broker.close() from the application; it called
@@ -270,10 +277,10 @@ class Loop:
         address: tuple[str, int] = listener.getsockname()[:2]
         return address
 
-    def connect(self, host: str, port: int) -> Connection:
+    def connect(self, host: str, port: int, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Connection:
         """Connect to a PB server (a blocking connect) and turn the loop until the handshake is done."""
         sock = socket.create_connection((host, port), timeout=TIMEOUT)
-        factory = PBClientFactory()
+        factory = PBClientFactory(timeouts=timeouts)
 
         def close() -> None:  # factory.disconnect(): closes the connection made below
             connection.close()
@@ -298,7 +305,11 @@ class Loop:
     def run_once(self, timeout: float | None) -> None:
         """One turn: wait for sockets (at most *timeout* seconds), serve them, flush."""
         self.driver.run_ready()  # coroutines woken since the last turn (a connection closing fails their calls)
-        self.flush_all()  # calls made since the last turn, decrefs queued by the collector
+        self.flush_all()  # calls made since the last turn, decrefs queued by the collector; timers polled
+        deadlines = [c.deadline for c in self.connections if c.deadline is not None]
+        if deadlines:
+            until = max(0.0, min(deadlines) - time.monotonic())
+            timeout = until if timeout is None else min(timeout, until)
         for key, mask in self.selector.select(timeout):
             if key.fileobj is self._wake_r:
                 with contextlib.suppress(BlockingIOError, InterruptedError):

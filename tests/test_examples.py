@@ -399,3 +399,18 @@ def test_twisted_snippets_run(doc: str) -> None:
         assert done.returncode == 0, done.stderr
         if expected is not None:
             assert done.stdout == expected
+
+
+def test_the_selector_loop_keeps_time_for_the_core() -> None:
+    """A port that accepts and never speaks: the loop's timers end the handshake, and say why."""
+    example = load_example()
+    from pbcore.timers import Timeouts  # noqa: PLC0415
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    loop = example.Loop()
+    try:
+        with pytest.raises(ConnectionError, match="nothing arrived"):
+            loop.connect("127.0.0.1", silent.getsockname()[1], Timeouts(handshake=0.3))
+    finally:
+        loop.close()
+        silent.close()

@@ -36,6 +36,17 @@ broker wakes its connection up once more when it closes (the application
 called ``broker.connection_lost``, or a peer went over MAX_BROKER_REFS): the
 flush then finds it closed and shuts the socket down at once.
 
+Each connection runs the core's timers (``connection.timers``, a
+:class:`~pbcore.timers.ConnectionTimers`: handshake timeout, keepalive
+probes, dead-peer detection, ``callRemote(..., pbtimeout=s)`` deadlines, as
+the factory's ``timeouts=`` say). Whoever holds the connection's lock polls
+them with ``time.monotonic()`` before sending on the way out, so after
+connection_made, after every read and after every call made in any thread;
+the reader waits for input at most until the deadline they return, and at
+most POLL_INTERVAL, so that a deadline moved earlier by another thread's call
+is seen within that bound. Wake-ups from finalizers (decrefs) do not poll
+them. A timer that closes the broker closes the connection as any close does.
+
 The blocking adapter has no event loop. A coroutine method (``async def``)
 runs in a :class:`~pbcore.driver.CoroutineDriver` that accepts only PB calls
 over its own connection: it may await calls back to the peer's objects (the
@@ -85,6 +96,7 @@ from pbcore.errors import PBConnectionLost, ProtocolError
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import RemoteReference
 from pbcore.serving import Dispatcher
+from pbcore.timers import ConnectionTimers
 
 __all__ = ["BlockingConnection", "BlockingServer", "connect", "serve"]
 
@@ -94,7 +106,7 @@ log = logging.getLogger("pbcore.blocking")
 
 #: How long close() waits for a thread to finish.
 JOIN_TIMEOUT = 5.0
-#: How often blocked loops look at their stop flag.
+#: How often blocked loops look at their stop flag (and the reader at its timers' deadline).
 POLL_INTERVAL = 0.2
 #: The accept loop's back-off after a failed accept: from the first figure, doubling up to the second.
 ACCEPT_BACKOFF = (0.1, 1.0)
@@ -165,6 +177,14 @@ class BlockingConnection:
         if isinstance(factory, PBClientFactory):
             options["close"] = self.close
         self.broker: Broker = factory.make_broker(**options)
+        #: The broker's timers (see :mod:`pbcore.timers`), run under the lock.
+        self.timers = ConnectionTimers(self.broker)
+        self._deadline: float | None = None  # when the timers want to run next (None: only after input or output)
+        # How the reader waits for input (select.select where there is no poll).
+        self._poller: Any = None
+        if hasattr(select, "poll"):
+            self._poller = select.poll()
+            self._poller.register(sock, select.POLLIN)
         # Runs the served coroutines (in the reader thread): they may await only this connection's calls.
         self._driver = CoroutineDriver(self._owns)
         #: Runs the calls the peer makes (in the reader thread).
@@ -305,11 +325,43 @@ class BlockingConnection:
             yield
         finally:
             try:
-                self._flush_locked()
+                try:
+                    self._tick()  # arms the deadlines of the calls just made, does what is due
+                finally:
+                    self._flush_locked()
             finally:
                 self._owner = None
                 self._lock.release()
             self._flush_flagged()  # a wake-up may have come after our flush
+
+    def _tick(self) -> None:
+        """Holding the lock: run the timers, and note when they want to run again."""
+        while not self._closed:
+            now = time.monotonic()
+            due = self._deadline is not None and now >= self._deadline
+            self._deadline = self.timers.poll(now)
+            if not due:
+                return
+            self._notify()  # a call may have expired, or the connection closed: wake its waiters
+            if threading.current_thread() is not self._reader or not self._driver.ready:
+                return
+            self._driver.run_ready()  # the served coroutines whose calls expired; then arm what they called
+
+    def _due(self) -> bool:
+        """Whether the reader, woken with nothing to read, has timers to run (or coroutines another thread woke)."""
+        deadline = self._deadline
+        return (deadline is not None and time.monotonic() >= deadline) or self._driver.ready > 0
+
+    def _wait_time(self) -> float:
+        """How long the reader waits for input: until the deadline, at most POLL_INTERVAL.
+
+        The bound is how soon it sees a deadline moved earlier by another
+        thread (a call with a ``pbtimeout``) and its stop flag.
+        """
+        deadline = self._deadline
+        if deadline is None:
+            return POLL_INTERVAL
+        return min(POLL_INTERVAL, max(0.0, deadline - time.monotonic()))
 
     def _flush_flagged(self) -> None:
         # Never waits: a busy lock's holder looks at the flag after releasing it.
@@ -397,8 +449,11 @@ class BlockingConnection:
             with self._hold():
                 self.broker.connection_made()
             while not self._stopping:
-                data = self._receive()
+                data = self._receive(self._wait_time())
                 if data is None:
+                    if self._due():
+                        with self._hold():
+                            self._serve()  # leaving, the timers run
                     continue
                 if not data:
                     break
@@ -428,9 +483,18 @@ class BlockingConnection:
         self.dispatcher.dispatch(self.broker.events())
         self._driver.run_ready()
 
-    def _receive(self) -> bytes | None:
-        """Bytes read, b"" at end of file, None if nothing yet (timeout)."""
+    def _readable(self, wait: float) -> bool:
+        """Wait up to *wait* seconds for input (or the end); whether there is some."""
+        if self._poller is None:
+            readable, _, _ = select.select([self._sock], [], [], wait)
+            return bool(readable)
+        return bool(self._poller.poll(wait * 1000.0))
+
+    def _receive(self, wait: float) -> bytes | None:
+        """Bytes read, b"" at end of file, None if nothing came within *wait* seconds."""
         if not self._tls:
+            if not self._readable(wait):
+                return None
             try:
                 return self._sock.recv(_READ_SIZE)
             except TimeoutError:
@@ -438,10 +502,8 @@ class BlockingConnection:
         # An SSL object is not safe to read and write from two threads at once:
         # wait for input outside the lock, read under it.
         assert isinstance(self._sock, ssl_module.SSLSocket)
-        if not self._sock.pending():
-            readable, _, _ = select.select([self._sock], [], [], POLL_INTERVAL)
-            if not readable:
-                return None
+        if not self._sock.pending() and not self._readable(wait):
+            return None
         with self._hold():
             try:
                 return self._sock.recv(_READ_SIZE)
@@ -457,6 +519,7 @@ class BlockingConnection:
             self.broker.connection_lost(reason)  # the dispatcher cancels the calls still running
             self._serve()
             self._closed = True
+            self._deadline = None  # the timers are done
             self._notify()
         if first:
             with suppress(OSError):

@@ -23,9 +23,10 @@ import pytest
 from pbcore import Referenceable, Root
 from pbcore.broker import Broker
 from pbcore.cred import Anonymous, UsernamePassword
-from pbcore.errors import PBConnectionLost
+from pbcore.errors import CallTimedOut, ConnectionTimedOut, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import MAX_BROKER_REFS, CopiedFailure, RemoteReference
+from pbcore.timers import Timeouts
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import login_factory
 
@@ -676,3 +677,190 @@ def test_a_coroutine_run_may_disconnect(
     assert connection.closed  # at once: not left to the reader, which was waiting for the lock
     assert not [record for record in caplog.records if record.name == "pbcore.blocking"]
     assert wait_until(lambda: not server.connections)
+
+
+# -- timers (pbcore.timers) ----------------------------------------------------------------
+
+QUICK = Timeouts(handshake=0.5, idle=0.3, probe=0.3)
+
+
+@contextlib.contextmanager
+def silent_peer(speak: bool) -> Iterator[tuple[int, list[socket.socket]]]:
+    """A port that accepts and never speaks, or (*speak*) completes the PB handshake and then goes silent."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            sock, _ = listener.accept()
+            accepted.append(sock)
+            if speak:
+                handshake(sock, Broker(is_client=False))
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1], accepted
+    finally:
+        listener.close()
+        acceptor.join(TIMEOUT)
+        for sock in accepted:
+            sock.close()
+
+
+def handshake(sock: socket.socket, broker: Broker) -> None:
+    """Speak the PB handshake over *sock* as *broker*, then neither read nor write again."""
+    sock.settimeout(TIMEOUT)
+    broker.connection_made()
+    sock.sendall(broker.data_to_send())
+    while not broker.ready:
+        data = sock.recv(65536)
+        if not data:
+            return
+        broker.receive_data(data)
+        sock.sendall(broker.data_to_send())
+
+
+def sees_the_end(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
+    """Whether the peer of *sock* closes it within *timeout* (what it sent before is skipped)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_port_that_never_speaks_fails_the_handshake() -> None:
+    with silent_peer(speak=False) as (port, accepted):
+        connection = pbcore_blocking.connect(PBClientFactory(timeouts=QUICK), "127.0.0.1", port, timeout=TIMEOUT)
+        with connection, pytest.raises(PBConnectionLost) as caught:
+            connection.root()  # its timeout (TIMEOUT) is far longer than the handshake's
+        reason = caught.value.args[0]
+        assert isinstance(reason, ConnectionTimedOut) and "nothing arrived" in str(reason), reason
+        assert connection.wait_closed(TIMEOUT)
+        assert wait_until(lambda: len(accepted) == 1)
+        assert sees_the_end(accepted[0])
+
+
+def test_a_server_gone_silent_is_taken_for_gone() -> None:
+    with silent_peer(speak=True) as (port, accepted):
+        connection = pbcore_blocking.connect(PBClientFactory(timeouts=QUICK), "127.0.0.1", port, timeout=TIMEOUT)
+        with connection:
+            root = connection.root()
+            started = time.monotonic()
+            with pytest.raises(PBConnectionLost) as caught:
+                connection.call(root, "anything")  # never answered: the silence is noticed first
+            reason = caught.value.args[0]
+            assert isinstance(reason, ConnectionTimedOut) and "taken for gone" in str(reason), reason
+            assert time.monotonic() - started < TIMEOUT
+            assert connection.wait_closed(TIMEOUT)
+            assert sees_the_end(accepted[0])
+
+
+def test_a_client_gone_silent_is_dropped_by_the_server() -> None:
+    factory = PBServerFactory(Service(), timeouts=QUICK)
+    with (
+        pbcore_blocking.serve(factory, "127.0.0.1", 0) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as sock,
+    ):
+        handshake(sock, Broker(is_client=True))
+        assert wait_until(lambda: len(server.connections) == 1)
+        assert wait_until(lambda: not server.connections), "the silent client was kept"
+        assert sees_the_end(sock)
+
+
+def test_a_client_that_never_speaks_is_dropped_by_the_server() -> None:
+    factory = PBServerFactory(Service(), timeouts=QUICK)
+    with (
+        pbcore_blocking.serve(factory, "127.0.0.1", 0) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as sock,
+    ):
+        assert wait_until(lambda: len(server.connections) == 1)
+        assert wait_until(lambda: not server.connections), "the silent client was kept"
+        assert sees_the_end(sock)  # after the server's offer
+
+
+def test_probes_keep_an_idle_connection() -> None:
+    keep = Timeouts(idle=0.2, probe=0.2)
+    with pbcore_blocking.serve(PBServerFactory(Service(), timeouts=keep), "127.0.0.1", 0) as server:
+        connection = pbcore_blocking.connect(PBClientFactory(timeouts=keep), "127.0.0.1", server.port, timeout=TIMEOUT)
+        with connection:
+            root = connection.root()
+            (served,) = server.connections
+            before = connection.broker.bytes_received, served.broker.bytes_received
+            time.sleep(2.0)  # several probes each way, and nothing else
+            after = connection.broker.bytes_received, served.broker.bytes_received
+            assert after[0] > before[0] and after[1] > before[1], "no probe was answered"
+            assert connection.call(root, "echo", "still here") == [["still here"], {}]
+            assert server.connections == {served}
+
+
+def forever(broker: Broker) -> Any:
+    """A pending call of *broker*'s connection that nothing settles (a served coroutine may await it)."""
+    return broker.pending_factory()
+
+
+class Deadlines(Root):
+    def rootObject(self, broker: Broker) -> Any:
+        return DeadlinesRoot(broker)
+
+
+class DeadlinesRoot(Referenceable):
+    """Per connection: a method that never answers, and one that calls the client back with a deadline."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def remote_hang(self) -> None:
+        await forever(self.broker)
+
+    async def remote_ask(self, ref: RemoteReference) -> str:
+        try:
+            return str(await ref.callRemote("hang", pbtimeout=0.3))
+        except CallTimedOut as error:
+            return f"timed out: {error}"
+
+    def remote_echo(self, value: Any) -> Any:
+        return value
+
+
+class Hangs(Referenceable):
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def remote_hang(self) -> None:
+        await forever(self.broker)
+
+
+def test_a_call_past_its_deadline_fails_and_the_connection_goes_on() -> None:
+    with (
+        pbcore_blocking.serve(PBServerFactory(Deadlines()), "127.0.0.1", 0) as server,
+        connect(server.port) as connection,  # default timeouts: the next keepalive is a minute away
+    ):
+        root = connection.root()
+        started = time.monotonic()
+        with pytest.raises(CallTimedOut, match="hang"):
+            connection.call(root, "hang", pbtimeout=0.3)  # made in this thread, expired by the reader
+        assert time.monotonic() - started < TIMEOUT  # not the call's own timeout
+        assert connection.broker.calls_in_flight == 0
+        assert connection.call(root, "echo", 1) == 1
+
+        async def hang_with_deadline() -> Any:
+            try:
+                return await root.callRemote("hang", pbtimeout=0.3)
+            except CallTimedOut as error:
+                return error
+
+        failed = connection.run(hang_with_deadline())
+        assert isinstance(failed, CallTimedOut) and "hang" in str(failed), failed
+        assert connection.broker.calls_in_flight == 0
+        # A served coroutine whose call back times out is resumed by its reader.
+        answer = connection.call(root, "ask", Hangs(connection.broker))
+        assert answer.startswith("timed out: hang"), answer
+        assert connection.call(root, "echo", 2) == 2
+        assert connection.broker.calls_in_flight == 0
+        assert len(server.connections) == 1

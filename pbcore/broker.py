@@ -202,6 +202,7 @@ class Broker:
         self.first_bytes = b""
         self._new_deadlines: list[tuple[int, float]] = []  # (request id, seconds), not armed yet
         self._deadline_names: dict[int, str] = {}  # request id -> method, for calls with a deadline
+        self._probes: set[int] = set()  # request ids of keepalive probes not answered yet
         self.security = security
         self.limits = limits
         self.unsafe_tracebacks = unsafe_tracebacks
@@ -301,8 +302,8 @@ class Broker:
 
     @property
     def calls_in_flight(self) -> int:
-        """How many of our calls are waiting for an answer."""
-        return len(self._waiting)
+        """How many of our calls are waiting for an answer (keepalive probes not counted)."""
+        return len(self._waiting) - len(self._probes)
 
     def connection_lost(self, reason: BaseException | None = None) -> None:
         """The connection is gone: fail pending calls, run disconnect notifiers, forget every object (once).
@@ -351,6 +352,7 @@ class Broker:
         self._on_release.clear()
         self._new_deadlines.clear()
         self._deadline_names.clear()
+        self._probes.clear()
         self._connects = None
         self._root = None
         self._events.append(ConnectionClosed(reason))
@@ -544,7 +546,9 @@ class Broker:
 
     def take_new_deadlines(self) -> list[tuple[int, float]]:
         """The ``(request id, seconds)`` of the calls made with a timeout since the last time."""
-        new, self._new_deadlines = self._new_deadlines, []
+        new = self._new_deadlines
+        if new:
+            self._new_deadlines = []
         return new
 
     def expire_call(self, request_id: int) -> None:
@@ -568,6 +572,7 @@ class Broker:
         request_id = self._next_request
         self._send_values([b"message", request_id, 0, b"pbcore_keepalive", 1], [(), {}], None)
         self._waiting[request_id] = PendingCall()  # no one awaits it: not the adapter's kind
+        self._probes.add(request_id)
 
     def send_answer(self, request_id: int, result: Any, perspective: Any = None) -> BaseException | None:
         """Answer the peer's call *request_id* with *result*.
@@ -780,6 +785,7 @@ class Broker:
                 return None  # cancelled locally: the late answer is dropped
             raise MessageError(f"answer to request {request_id}, which was never sent")
         self._deadline_names.pop(request_id, None)
+        self._probes.discard(request_id)
         return self._waiting.pop(request_id)
 
     def _decref(self, expression: list[Any]) -> None:

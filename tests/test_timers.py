@@ -187,3 +187,12 @@ def test_interleavings_of_data_timers_and_calls(steps: list[tuple[str, Any]]) ->
                 assert pending.done, "a call outlived its deadline"
             if isinstance(pending.error, CallTimedOut):
                 assert now >= deadline, "a call failed before its deadline"
+
+
+def test_a_probe_in_flight_is_not_one_of_our_calls() -> None:
+    pair, client, _, _ = timed_pair(idle=1.0, probe=1.0)
+    client.poll(0.0)
+    client.poll(1.0)
+    assert pair.client.calls_in_flight == 0
+    pair.pump()
+    assert pair.client.calls_in_flight == 0

@@ -21,6 +21,17 @@ The protocol and the call policy live in :mod:`pbcore` (the rules are in
 docs/adapters.md): this module moves bytes, runs the calls
 :class:`pbcore.serving.Dispatcher` hands it, closes, and keeps track of a
 server's connections.
+
+Timers: each connection runs its broker's :class:`pbcore.timers.ConnectionTimers`
+(``connection.timers``; the figures are the factory's ``timeouts=``), polled
+with ``loop.time()`` once the connection is made, after every read, whenever
+the broker has new output (so that ``callRemote(..., pbtimeout=s)`` is armed at
+once), and at the deadline a poll returns, for which the connection keeps one
+``loop.call_at`` wake-up. It is moved only for an earlier deadline: a later one
+(each read moves the idle deadline on) is found when the wake-up, early then,
+polls. The core decides what is due (a handshake timeout, a keepalive probe, a
+dead peer, a call's deadline); a timer that closes the broker closes the
+connection.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from pbcore.errors import ProtocolError
 from pbcore.events import CallReceived
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.serving import Dispatcher
+from pbcore.timers import ConnectionTimers
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -99,6 +111,9 @@ class Connection(asyncio.BufferedProtocol):
         self.peer: Any = None
         self._broker: Broker | None = None
         self._dispatcher: Dispatcher | None = None
+        self._timers: ConnectionTimers | None = None
+        self._deadline: float | None = None  # when the wake-up below is due
+        self._wake: asyncio.TimerHandle | None = None  # the one pending timers' wake-up
         self._busy = False  # feeding the broker: its output is written at the end
         self._flush_scheduled = False
         # Output taken from the broker as soon as it is queued (so that it
@@ -125,6 +140,13 @@ class Connection(asyncio.BufferedProtocol):
             raise RuntimeError("the connection is not made yet")
         return self._dispatcher
 
+    @property
+    def timers(self) -> ConnectionTimers:
+        """The broker's timers (handshake, keepalive, dead peer, call deadlines), run by this connection."""
+        if self._timers is None:
+            raise RuntimeError("the connection is not made yet")
+        return self._timers
+
     # -- asyncio.BufferedProtocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,6 +156,7 @@ class Connection(asyncio.BufferedProtocol):
         broker = self._broker = self._make_broker(
             pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued, peer=self.peer
         )
+        self._timers = ConnectionTimers(broker)
         self._dispatcher = Dispatcher(broker, self._spawn)
         server = self._server
         if server is not None:
@@ -183,6 +206,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._abort is not None:
             self._abort.cancel()
+        self._cancel_wake()
         broker = self._broker
         if broker is not None:
             broker.connection_lost(exc)  # fails pending calls, cancels running ones
@@ -273,10 +297,15 @@ class Connection(asyncio.BufferedProtocol):
     # -- output -----------------------------------------------------------------------------
 
     def _flush(self) -> None:
+        # After connection_made, after every read, on the broker's output hook
+        # (a flush scheduled from it) and at the timers' deadline: run the
+        # timers, then write what the broker has.
         self._flush_scheduled = False
         broker, transport = self._broker, self.transport
         if broker is None or transport is None:
             return
+        if not broker.closed:
+            self._poll()
         if broker.closed:
             self._close_transport()
             return
@@ -297,9 +326,42 @@ class Connection(asyncio.BufferedProtocol):
         if self._held:  # what was sent before the broker closed still goes out
             held, self._held = self._held, bytearray()
             transport.write(held)
+        self._cancel_wake()
         transport.close()
         # close() waits for the write buffer to drain: not forever.
         self._abort = self._loop.call_later(CLOSE_TIMEOUT, transport.abort)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        timers = self._timers
+        assert timers is not None
+        busy, self._busy = self._busy, True  # a probe's bytes go out with this flush
+        try:
+            deadline = timers.poll(self._loop.time())
+        finally:
+            self._busy = busy
+        # Most polls leave the wake-up alone: the same deadline, or a later one
+        # (every read moves the idle deadline on), which the wake-up, early
+        # then, finds when it polls. Only an earlier deadline moves it.
+        if deadline is None:
+            if self._wake is not None:
+                self._cancel_wake()
+        elif self._deadline is None or deadline < self._deadline:
+            self._cancel_wake()
+            self._wake = self._loop.call_at(deadline, self._deadline_passed)
+            self._deadline = deadline
+
+    def _deadline_passed(self) -> None:
+        # Forget the deadline: poll returns the next one (the same one if the
+        # loop woke a little early), and the wake-up is made anew.
+        self._wake = self._deadline = None
+        self._flush()
+
+    def _cancel_wake(self) -> None:
+        wake, self._wake, self._deadline = self._wake, None, None
+        if wake is not None:
+            wake.cancel()
 
     def _output_queued(self) -> None:
         # The broker, in the loop's thread, has new output (or has closed).

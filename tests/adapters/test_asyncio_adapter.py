@@ -19,9 +19,10 @@ from pbcore import Cacheable, Copyable, Referenceable, RemoteCache, RemoteCopy, 
 from pbcore import broker as broker_module
 from pbcore.broker import Broker
 from pbcore.cred import Anonymous, UsernamePassword
-from pbcore.errors import NoSuchMethod, PBConnectionLost
+from pbcore.errors import CallTimedOut, ConnectionTimedOut, NoSuchMethod, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure
+from pbcore.timers import Timeouts
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import login_factory
 
@@ -109,6 +110,8 @@ class ServerRoot(Root):
         self.cancelled = asyncio.Event()
         self.brokers: list[Broker] = []
         self.big_calls = 0
+        self.asked: Any = None
+        self.asked_whom: Any = None
 
     def rootObject(self, broker: Broker) -> ServerRoot:
         self.brokers.append(broker)  # the server side's brokers, for the tests to look at
@@ -163,6 +166,11 @@ class ServerRoot(Root):
             self.cancelled.set()
             raise
 
+    def remote_ask_back(self, ref: Any, timeout: float) -> None:
+        # Served during the read that brought it: the call back is made there.
+        self.asked = ref.callRemote("hang", pbtimeout=timeout)
+        self.asked_whom = ref  # kept: its decref would make the server poll anyway
+
     def remote_hang_up(self) -> None:
         self.brokers[-1].connection_lost(None)  # the application closes its own broker
 
@@ -170,6 +178,11 @@ class ServerRoot(Root):
 class Doubler(Referenceable):
     def remote_twice(self, x: int) -> int:
         return 2 * x
+
+
+class Hanger(Referenceable):
+    async def remote_hang(self) -> None:
+        await asyncio.sleep(3600)
 
 
 class EchoingDoubler(Referenceable):
@@ -525,6 +538,179 @@ def test_answers_sent_before_the_broker_closed_itself_still_go_out(monkeypatch: 
         kinds = [type(outcome).__name__ for outcome in outcomes]
         assert kinds == ["RemoteReference"] * 4 + ["CopiedFailure"] * 3 + ["PBConnectionLost"]
         await asyncio.wait_for(connection.wait_closed(), 5)
+        await server.aclose()
+
+    run(body)
+
+
+# -- timers: the core's ConnectionTimers, polled with loop.time() -----------------------------------
+
+SHORT = Timeouts(handshake=0.5, idle=0.3, probe=0.3)
+
+
+async def silent_pb_server(accepted: list[asyncio.StreamWriter]) -> asyncio.Server:
+    """A raw server that does the PB handshake (a bare Broker's bytes), then never reads or writes again."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        broker = Broker(is_client=False)
+        broker.connection_made()
+        writer.write(broker.data_to_send())
+        while not broker.ready:
+            broker.receive_data(await reader.read(65536))
+        writer.write(broker.data_to_send())
+        accepted.append(writer)  # kept open, and silent
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def silent_pb_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw client that does the PB handshake (a bare Broker's bytes), then never reads or writes again."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    broker = Broker(is_client=True)
+    broker.connection_made()
+    while not broker.ready:
+        broker.receive_data(await reader.read(65536))
+        writer.write(broker.data_to_send())
+    return reader, writer
+
+
+def test_a_port_that_never_speaks_fails_the_handshake() -> None:
+    async def body() -> None:
+        accepted: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append((reader, writer))  # accepts, and says nothing (the writer kept: not collected)
+
+        listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        factory = PBClientFactory(timeouts=SHORT)
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
+        assert connection.timers.broker is connection.broker
+        with pytest.raises(PBConnectionLost) as caught:
+            await asyncio.wait_for(factory.getRootObject(), 10)
+        [reason] = caught.value.args
+        assert isinstance(reason, ConnectionTimedOut)
+        assert "nothing arrived" in str(reason)
+        await asyncio.wait_for(connection.wait_closed(), 5)
+        assert connection._wake is None  # no wake-up left behind
+        await until(lambda: accepted, "the connection to be accepted")
+        [(reader, writer)] = accepted
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # our side closed the socket
+        writer.close()
+        listener.close()
+
+    run(body)
+
+
+def test_a_server_gone_silent_is_taken_for_gone() -> None:
+    async def body() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+        listener = await silent_pb_server(accepted)
+        port = listener.sockets[0].getsockname()[1]
+        factory = PBClientFactory(timeouts=SHORT)
+        connection = await pbcore_asyncio.connect(factory, "127.0.0.1", port)
+        root = await asyncio.wait_for(factory.getRootObject(), 5)
+        with pytest.raises(PBConnectionLost) as caught:
+            await asyncio.wait_for(root.callRemote("echo", 1), 10)  # idle + probe: 0.6 s
+        [reason] = caught.value.args
+        assert isinstance(reason, ConnectionTimedOut)
+        assert "taken for gone" in str(reason)
+        await asyncio.wait_for(connection.wait_closed(), 5)
+        assert connection.broker.closed
+        for writer in accepted:
+            writer.close()
+        listener.close()
+
+    run(body)
+
+
+def test_a_client_gone_silent_is_dropped_by_the_server() -> None:
+    async def body() -> None:
+        server = await served(PBServerFactory(ServerRoot(), timeouts=SHORT))
+        reader, writer = await silent_pb_client(server.port)
+        await until(lambda: server.connections, "the server to see the connection")
+        [server_connection] = server.connections
+        await until(lambda: server_connection.broker.ready, "the handshake")
+        await until(lambda: not server.connections, "the server to drop the silent client")
+        reason = server_connection.broker.close_reason
+        assert isinstance(reason, ConnectionTimedOut) and "taken for gone" in str(reason)
+        probe = await asyncio.wait_for(reader.read(), 5)  # the probe, then the end
+        assert b"pbcore_keepalive" in probe
+        assert reader.at_eof()
+        writer.close()
+        await server.aclose()
+
+    run(body)
+
+
+def test_keepalive_probes_to_a_live_peer_keep_the_connection() -> None:
+    async def body() -> None:
+        quick = Timeouts(handshake=0.5, idle=0.2, probe=0.2)
+        server = await served(PBServerFactory(ServerRoot(), timeouts=quick))
+        factory = PBClientFactory(timeouts=quick)
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port) as connection:
+            root = await factory.getRootObject()
+            assert await root.callRemote("echo", 1) == [[1], {}]
+            [server_connection] = server.connections
+            received = connection.broker.bytes_received, server_connection.broker.bytes_received
+            await asyncio.sleep(2)  # nothing from the application: only probes and their answers
+            assert connection.broker.bytes_received > received[0]  # answers (and the server's probes)
+            assert server_connection.broker.bytes_received > received[1]
+            assert await root.callRemote("echo", 2) == [[2], {}]
+            assert not connection.broker.closed and server.connections == {server_connection}
+            assert connection._wake is not None  # the next probe's
+        await server.aclose()
+        assert connection._wake is None and server_connection._wake is None  # cancelled with their connections
+
+    run(body)
+
+
+def test_a_call_past_its_pbtimeout_fails_and_the_connection_goes_on() -> None:
+    async def body() -> None:
+        server = await served()
+        factory = PBClientFactory()
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port) as connection:
+            root = await factory.getRootObject()
+            with pytest.raises(CallTimedOut, match="hang"):
+                await asyncio.wait_for(root.callRemote("hang", pbtimeout=0.3), 10)
+            assert await root.callRemote("echo", 1) == [[1], {}]
+            assert connection.broker.calls_in_flight == 0
+            assert not connection.broker.closed
+        await server.aclose()
+
+    run(body)
+
+
+def test_calls_do_not_remake_the_wake_up() -> None:
+    async def body() -> None:
+        server = await served()
+        factory = PBClientFactory()
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port) as connection:
+            root = await factory.getRootObject()
+            await root.callRemote("echo", 0)
+            [server_connection] = server.connections
+            wake_ups = connection._wake, server_connection._wake  # the handshake's 30 s, early now
+            assert None not in wake_ups
+            for n in range(50):  # each read moves the idle deadline on, each call adds a later one
+                await root.callRemote("echo", n, pbtimeout=120)
+            assert connection._wake is wake_ups[0] and server_connection._wake is wake_ups[1]
+        await server.aclose()
+
+    run(body)
+
+
+def test_a_pbtimeout_call_made_while_serving_a_read_is_armed_at_once() -> None:
+    async def body() -> None:
+        root_object = ServerRoot()
+        server = await served(PBServerFactory(root_object))
+        factory = PBClientFactory()
+        async with await pbcore_asyncio.connect(factory, "127.0.0.1", server.port):
+            root = await factory.getRootObject()
+            await root.callRemote("ask_back", Hanger(), 0.3)  # the server calls us back, and we never answer
+            with pytest.raises(CallTimedOut, match="hang"):
+                await asyncio.wait_for(root_object.asked, 10)  # no other traffic: only its deadline wakes the server
+            [server_connection] = server.connections
+            assert server_connection.broker.calls_in_flight == 0
         await server.aclose()
 
     run(body)

@@ -534,14 +534,24 @@ class Broker:
         request_id = self._next_request
         command = b"cachemessage" if cache else b"message"
         head: list[Sexp] = [command, request_id, objectID, name.encode("utf-8"), 1 if answer else 0]
-        self._send_values(head, [tuple(args), dict(kw)], perspective)
         if not answer:
+            self._send_values(head, [tuple(args), dict(kw)], perspective)
             return None
+        # Registered before the message is queued, so that the adapter's output
+        # hook (which may poll the timers) sees the call and its deadline.
         pending = self.pending_factory()
         self._waiting[request_id] = pending
         if timeout is not None:
             self._new_deadlines.append((request_id, timeout))
             self._deadline_names[request_id] = name
+        try:
+            self._send_values(head, [tuple(args), dict(kw)], perspective)
+        except BaseException:
+            self._waiting.pop(request_id, None)
+            self._deadline_names.pop(request_id, None)
+            if timeout is not None and self._new_deadlines and self._new_deadlines[-1][0] == request_id:
+                self._new_deadlines.pop()
+            raise
         return pending
 
     def take_new_deadlines(self) -> list[tuple[int, float]]:

@@ -196,3 +196,18 @@ def test_a_probe_in_flight_is_not_one_of_our_calls() -> None:
     assert pair.client.calls_in_flight == 0
     pair.pump()
     assert pair.client.calls_in_flight == 0
+
+
+def test_the_output_hook_sees_a_new_call_and_its_deadline() -> None:
+    pair, client, _, _ = timed_pair()
+    seen: list[float | None] = []
+    pair.client.on_output = lambda: seen.append(client.poll(10.0))
+    pair.client.root().callRemote("wait", pbtimeout=2.0)
+    assert seen == [12.0], "the hook ran before the call's deadline was known"
+
+
+def test_a_call_that_cannot_be_sent_leaves_no_deadline() -> None:
+    pair, _, _, _ = timed_pair()
+    with pytest.raises(TypeError):
+        pair.client.root().callRemote("echo", object(), pbtimeout=2.0)
+    assert pair.client.calls_in_flight == 0 and pair.client.take_new_deadlines() == []

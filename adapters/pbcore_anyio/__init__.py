@@ -26,6 +26,17 @@ Everything else is the core's: :class:`pbcore.serving.Dispatcher` starts the
 calls, answers them and cancels them when the connection ends. This module
 moves bytes, runs the tasks it is handed, stops reading from a peer while more
 than :data:`HIGH_WATER` bytes to it are unwritten, and closes.
+
+Timers are the core's too: each connection runs its broker's
+:class:`pbcore.timers.ConnectionTimers` (``connection.timers``) on
+``anyio.current_time()``, polling it after the connection starts, after every
+read and whenever the broker has new output (in the writer task it wakes, so a
+``pbtimeout`` is armed as soon as the call is made). One task per connection
+sleeps in a cancel scope until the time the timers ask for, and polls then;
+that deadline is brought forward when they ask for an earlier time and left
+alone when they ask for a later one (each read does): woken early, the task
+polls and is given the later time. The figures (handshake timeout, keepalive,
+dead-peer detection) are the factory's ``timeouts``.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import ssl
@@ -50,6 +62,7 @@ from pbcore.errors import ProtocolError
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.isolation import describe
 from pbcore.serving import Dispatcher
+from pbcore.timers import ConnectionTimers
 
 __all__ = [
     "CHUNK",
@@ -167,9 +180,14 @@ class Connection:
         self._task_group: TaskGroup | None = None
         self._stopping = False
         self._flush_scheduled = False
+        self._deadline = math.inf  # when the timers want to be polled next (as the last poll said)
+        self._wake_at = math.inf  # when the timer task polls next: never later than _deadline
+        self._timer_scope: anyio.CancelScope | None = None  # the timer task's sleep, its deadline _wake_at
         self.broker = make_broker(
             pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._on_output, peer=self.peer
         )
+        #: The broker's timers (handshake, keepalive, dead peer, call deadlines), polled by this connection.
+        self.timers = ConnectionTimers(self.broker)
         self.dispatcher = Dispatcher(self.broker, self._spawn)
 
     @property
@@ -195,7 +213,9 @@ class Connection:
                 async with anyio.create_task_group() as self._task_group:
                     try:
                         self._task_group.start_soon(self._writer)
+                        self._task_group.start_soon(self._timer)
                         self.broker.connection_made()
+                        self._poll()
                         await self._reader()
                     finally:
                         # Cancelled from outside too: the calls (shielded) are cancelled through the dispatcher.
@@ -213,7 +233,7 @@ class Connection:
         if not self._stopping:
             self._stopping = True
             self.close_reason = reason
-            self._scope.cancel()
+            self._scope.cancel()  # the timer task too
             self.broker.connection_lost(reason)  # fails pending calls, cancels running ones
 
     def _new_pending(self) -> PendingResult:
@@ -267,8 +287,35 @@ class Connection:
             with contextlib.suppress(ProtocolError):  # the broker closed (and logged why)
                 self.broker.receive_data(data)
             self.dispatcher.dispatch(self.broker.events())
+            self._poll()
             if self.broker.closed:
                 await anyio.sleep_forever()  # until the writer has written what it queued and closes
+
+    def _poll(self) -> None:
+        """Run the timers now; bring the timer task's wake-up forward if they want to be polled sooner.
+
+        Never called from inside the broker: output the timers make (a probe,
+        a call from a timed-out call's callback) wakes the writer, which polls.
+        """
+        deadline = self.timers.poll(anyio.current_time())
+        self._deadline = wake_at = math.inf if deadline is None else deadline
+        # Moved earlier only: each read pushes the keepalive's deadline later, and moving a cancel scope's deadline
+        # costs a timer of the event loop's. A wake-up that comes before the deadline polls (the core returns the
+        # later one) and sleeps again: at most one early wake-up per deadline.
+        if wake_at < self._wake_at:
+            self._wake_at = wake_at
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = wake_at
+
+    async def _timer(self) -> None:
+        # The connection's one pending wake-up: a sleep whose deadline _poll moves. Cancelled with the connection.
+        while not self._stopping:
+            with anyio.CancelScope(deadline=self._wake_at) as self._timer_scope:
+                await anyio.sleep_forever()
+            self._timer_scope = None
+            self._wake_at = math.inf  # passed: the poll sets the next one
+            if not self._stopping:
+                self._poll()
 
     def _spawn(self, call: Coroutine[Any, Any, None]) -> Callable[[], object]:
         # Shielded: a call ends with its connection, through the dispatcher (which sends no answer then).
@@ -289,6 +336,9 @@ class Connection:
             while True:
                 await self._wanted.wait()
                 self._wanted = anyio.Event()
+                # The broker's output hook fired (_flush): poll here, once the operation that queued the output is
+                # over, for callRemote records a pbtimeout only after queueing the call (and calling the hook).
+                self._poll()
                 while self._outgoing:
                     chunk = bytes(self._outgoing[:HIGH_WATER])
                     try:
@@ -298,6 +348,8 @@ class Connection:
                         return
                     del self._outgoing[: len(chunk)]
                     self._written.set()
+                    if self._wanted.is_set():  # output queued during a slow send: armed now, not after the backlog
+                        self._poll()
                 if self.broker.closed:
                     break
         self._stop(self.broker.close_reason)

@@ -18,9 +18,10 @@ import pytest
 from pbcore import Referenceable, Root
 from pbcore.broker import Broker
 from pbcore.cred import Anonymous, Unauthorized, UsernamePassword
-from pbcore.errors import DeadReferenceError, Error, NoSuchMethod, PBConnectionLost
+from pbcore.errors import CallTimedOut, ConnectionTimedOut, DeadReferenceError, Error, NoSuchMethod, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure
+from pbcore.timers import ConnectionTimers, Timeouts
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import CounterCache, PeerRoot, PointCopy, Realm, Shared, Twice, login_factory
 
@@ -598,5 +599,163 @@ def test_unix_sockets(backend: str, tmp_path: Path) -> None:
                 assert await root.callRemote("call_back", Twice(), 2) == 4
             await server.aclose()
         assert not path.exists()
+
+    run(backend, body)
+
+
+# -- timers: the core's ConnectionTimers, run by the adapter on anyio's clock -----------------------
+
+QUICK = Timeouts(handshake=0.5, idle=0.3, probe=0.3)
+
+
+def timed_out(error: BaseException, words: str) -> bool:
+    """*error* is a PBConnectionLost carrying a ConnectionTimedOut that says *words*."""
+    reason = error.args[0] if isinstance(error, PBConnectionLost) and error.args else None
+    return isinstance(reason, ConnectionTimedOut) and words in str(reason)
+
+
+async def closed_by_peer(stream: anyio.abc.ByteStream) -> None:
+    """Read *stream* until the peer closes it."""
+    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+        while True:
+            await stream.receive()
+
+
+@asynccontextmanager
+async def silent_server(handshake: bool) -> AsyncIterator[tuple[int, list[anyio.abc.SocketStream]]]:
+    """A TCP port that accepts and then says nothing (after the PB handshake, if *handshake*)."""
+    accepted: list[anyio.abc.SocketStream] = []
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        accepted.append(stream)
+        if handshake:
+            broker = Broker(is_client=False)  # the server's handshake bytes
+            broker.connection_made()
+            await stream.send(broker.data_to_send())
+            while not broker.ready:
+                broker.receive_data(await stream.receive())
+                await stream.send(broker.data_to_send())
+        await anyio.sleep_forever()  # never reads nor writes again
+
+    listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, handle)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port), accepted
+        group.cancel_scope.cancel()
+
+
+def test_a_port_that_never_speaks_fails_the_handshake_and_is_closed(backend: str) -> None:
+    async def body() -> None:
+        async with silent_server(handshake=False) as (port, accepted):
+            factory = PBClientFactory(timeouts=QUICK)
+            async with pbcore_anyio.open_connection(factory, HOST, port) as connection:
+                assert isinstance(connection.timers, ConnectionTimers)
+                assert connection.timers.broker is connection.broker
+                with anyio.fail_after(5), pytest.raises(PBConnectionLost) as failed:
+                    await factory.getRootObject()
+                assert timed_out(failed.value, "nothing arrived"), failed.value
+                with anyio.fail_after(5):
+                    await connection.wait_closed()
+                    await closed_by_peer(accepted[0])
+
+    run(backend, body)
+
+
+def test_a_server_gone_silent_after_the_handshake_is_taken_for_gone(backend: str) -> None:
+    async def body() -> None:
+        async with silent_server(handshake=True) as (port, accepted):
+            factory = PBClientFactory(timeouts=QUICK)
+            async with pbcore_anyio.open_connection(factory, HOST, port) as connection:
+                root = await factory.getRootObject()
+                with anyio.fail_after(5), pytest.raises(PBConnectionLost) as failed:
+                    await root.callRemote("echo", 1)  # never answered, nor anything else
+                assert timed_out(failed.value, "taken for gone"), failed.value
+                with anyio.fail_after(5):
+                    await connection.wait_closed()
+                    await closed_by_peer(accepted[0])
+                assert timed_out(PBConnectionLost(connection.close_reason), "taken for gone")
+
+    run(backend, body)
+
+
+def test_a_client_gone_silent_after_the_handshake_is_dropped_by_the_server(backend: str) -> None:
+    async def body() -> None:
+        async with pbcore_anyio.open_server(PBServerFactory(AnyioPeerRootMaker(), timeouts=QUICK)) as server:
+            raw = await anyio.connect_tcp(HOST, server.port)
+            broker = Broker(is_client=True)
+            broker.connection_made()
+            while not broker.ready:
+                broker.receive_data(await raw.receive())
+                await raw.send(broker.data_to_send())
+            await until(lambda: len(server.connections) == 1 and the_connection(server).broker.ready)
+            served = the_connection(server)
+            with anyio.fail_after(5):  # and the raw client never reads nor writes again
+                await until(lambda: not server.connections)
+            assert timed_out(PBConnectionLost(served.close_reason), "taken for gone"), served.close_reason
+            assert served.closed
+            with anyio.fail_after(5):
+                await closed_by_peer(raw)
+            await raw.aclose()
+
+    run(backend, body)
+
+
+def test_keepalive_probes_keep_a_live_but_quiet_connection(backend: str) -> None:
+    keep = Timeouts(idle=0.2, probe=0.2)
+
+    async def body() -> None:
+        async with pbcore_anyio.open_server(PBServerFactory(AnyioPeerRootMaker(), timeouts=keep)) as server:
+            factory = PBClientFactory(timeouts=keep)
+            async with pbcore_anyio.open_connection(factory, HOST, server.port) as connection:
+                root = await factory.getRootObject()
+                served = the_connection(server)
+                heard, served_heard = connection.broker.bytes_received, served.broker.bytes_received
+                polls = [0]
+                poll = connection.timers.poll
+
+                def counted(now: float) -> float | None:
+                    polls[0] += 1
+                    return poll(now)
+
+                connection.timers.poll = counted  # type: ignore[method-assign]
+                await anyio.sleep(2)  # nothing of ours: only the probes and their answers
+                assert connection.broker.bytes_received > heard and served.broker.bytes_received > served_heard
+                assert 0 < polls[0] < 500  # a few per probe: the timer task does not spin on a past deadline
+                with anyio.fail_after(5):
+                    assert await root.callRemote("echo", "still") == [["still"], {}]
+                assert not connection.closed and server.connections == {served}
+
+    run(backend, body)
+
+
+def test_a_call_past_its_pbtimeout_fails_and_the_connection_goes_on(backend: str) -> None:
+    async def body() -> None:
+        maker = AnyioPeerRootMaker()
+        async with connected(PBServerFactory(maker)) as (_, factory, connection):
+            root = await factory.getRootObject()
+            with anyio.fail_after(5), pytest.raises(CallTimedOut) as failed:
+                await root.callRemote("hang", pbtimeout=0.3)  # default timeouts: only this deadline is near
+            assert "hang" in str(failed.value)
+            assert maker.shared.hanging.is_set()
+            with anyio.fail_after(5):
+                assert await root.callRemote("echo", "next") == [["next"], {}]
+            assert connection.broker.calls_in_flight == 0 and not connection.closed
+
+    run(backend, body)
+
+
+def test_a_read_that_makes_no_output_still_moves_the_wake_up(backend: str) -> None:
+    async def body() -> None:
+        maker = AnyioPeerRootMaker()
+        async with connected(PBServerFactory(maker)) as (server, factory, _):
+            root = await factory.getRootObject()
+            assert await root.callRemote("echo", 1) == [[1], {}]
+            served = the_connection(server)
+            before = served._deadline  # the last input, plus the idle time (60 s)
+            assert before != float("inf")
+            await anyio.sleep(0.05)
+            root.callRemote("note", "quiet", pbanswer=False)  # the server reads it and writes nothing
+            await until(lambda: maker.shared.notes == ["quiet"])
+            assert served._deadline > before  # the keepalive counts from this read
 
     run(backend, body)

@@ -35,6 +35,7 @@ time it wants to run:
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from typing import TYPE_CHECKING, Any
 
@@ -45,12 +46,47 @@ from .errors import ConnectionTimedOut
 if TYPE_CHECKING:
     from .broker import Broker
 
-__all__ = ["DEFAULT_TIMEOUTS", "ConnectionTimers", "Timeouts"]
+__all__ = ["DEFAULT_TIMEOUTS", "ConnectionTimers", "TcpKeepalive", "Timeouts"]
 
 
 def _seconds(instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
     if value is not None and not value > 0:
         raise ValueError(f"{attribute.name} must be a positive number of seconds or None, got {value!r}")
+
+
+@attrs.frozen
+class TcpKeepalive:
+    """The kernel's own keepalive on a connection's socket, as well as PB's probes.
+
+    ``idle`` seconds without traffic before the first TCP probe, then one every
+    ``interval`` seconds, ``count`` of them unanswered and the kernel drops the
+    connection. Where the platform lacks an option it is left out.
+    """
+
+    idle: int = attrs.field(default=60, validator=attrs.validators.gt(0))
+    interval: int = attrs.field(default=10, validator=attrs.validators.gt(0))
+    count: int = attrs.field(default=5, validator=attrs.validators.gt(0))
+
+    def socket_options(self) -> list[tuple[str, str, int]]:
+        """``(level, option, value)`` names, as the ``socket`` module spells them."""
+        return [
+            ("SOL_SOCKET", "SO_KEEPALIVE", 1),
+            ("IPPROTO_TCP", "TCP_KEEPIDLE", self.idle),  # Linux, the BSDs
+            ("IPPROTO_TCP", "TCP_KEEPALIVE", self.idle),  # macOS's name for it
+            ("IPPROTO_TCP", "TCP_KEEPINTVL", self.interval),
+            ("IPPROTO_TCP", "TCP_KEEPCNT", self.count),
+        ]
+
+    def apply(self, sock: Any, socket_module: Any) -> None:
+        """Set the options on *sock*, those the platform has; *socket_module* is ``socket``.
+
+        The adapter hands the module in: the core imports no I/O.
+        """
+        for level, name, value in self.socket_options():
+            if hasattr(socket_module, level) and hasattr(socket_module, name):
+                # OSError: not a TCP socket (a unix socket), or an option this kernel refuses.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(getattr(socket_module, level), getattr(socket_module, name), value)
 
 
 @attrs.frozen
@@ -61,12 +97,15 @@ class Timeouts:
     done. ``idle``: with nothing received for this long, send a keepalive
     probe. ``probe``: with nothing received for this long after a probe, the
     peer is taken for gone and the connection closed. So a dead peer is noticed
-    within ``idle + probe`` seconds (by default 60 + 30).
+    within ``idle + probe`` seconds (by default 60 + 30). ``tcp_keepalive``:
+    the kernel's keepalive on the socket as well (off by default; every
+    adapter applies it to the sockets it accepts and opens).
     """
 
     handshake: float | None = attrs.field(default=30.0, validator=_seconds)
     idle: float | None = attrs.field(default=60.0, validator=_seconds)
     probe: float | None = attrs.field(default=30.0, validator=_seconds)
+    tcp_keepalive: TcpKeepalive | None = None
 
 
 DEFAULT_TIMEOUTS = Timeouts()

@@ -188,6 +188,10 @@ class Connection:
         )
         #: The broker's timers (handshake, keepalive, dead peer, call deadlines), polled by this connection.
         self.timers = ConnectionTimers(self.broker)
+        keepalive = self.broker.timeouts.tcp_keepalive
+        raw = stream.extra(SocketAttribute.raw_socket, None)
+        if keepalive is not None and raw is not None:
+            keepalive.apply(raw, socket)
         self.dispatcher = Dispatcher(self.broker, self._spawn)
 
     @property

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Coroutine
@@ -156,6 +157,9 @@ class Connection(asyncio.BufferedProtocol):
         broker = self._broker = self._make_broker(
             pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued, peer=self.peer
         )
+        keepalive, sock = broker.timeouts.tcp_keepalive, transport.get_extra_info("socket")
+        if keepalive is not None and sock is not None:
+            keepalive.apply(sock, socket)
         self._timers = ConnectionTimers(broker)
         self._dispatcher = Dispatcher(broker, self._spawn)
         server = self._server

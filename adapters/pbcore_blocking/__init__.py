@@ -179,6 +179,8 @@ class BlockingConnection:
         self.broker: Broker = factory.make_broker(**options)
         #: The broker's timers (see :mod:`pbcore.timers`), run under the lock.
         self.timers = ConnectionTimers(self.broker)
+        if self.broker.timeouts.tcp_keepalive is not None:
+            self.broker.timeouts.tcp_keepalive.apply(sock, socket)
         self._deadline: float | None = None  # when the timers want to run next (None: only after input or output)
         # How the reader waits for input (select.select where there is no poll).
         self._poller: Any = None

@@ -56,7 +56,10 @@ class Backoff:
 
     def delay(self, failures: int, draw: float) -> float:
         """The wait after *failures* failed attempts in a row (0: the first retry), for a *draw* in [0, 1)."""
-        base = min(self.maximum, self.initial * self.factor ** max(failures, 0))
+        try:
+            base = min(self.maximum, self.initial * self.factor ** max(failures, 0))
+        except OverflowError:  # a server down for days: the ceiling it is
+            base = self.maximum
         return max(0.0, base * (1.0 + self.jitter * (2.0 * draw - 1.0)))
 
 

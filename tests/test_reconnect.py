@@ -79,3 +79,15 @@ def test_stop_wins_over_everything_after_it() -> None:
 def test_backoff_figures_are_checked() -> None:
     with pytest.raises(ValueError, match="initial must not be negative"):
         Backoff(initial=-1.0)
+
+
+def test_a_very_long_outage_stays_at_the_maximum() -> None:
+    policy = Reconnector(Backoff(initial=1.0, maximum=60.0, jitter=0.0))
+    now = 0.0
+    for _ in range(2000):
+        policy.attempt_started(now)
+        policy.failed(OSError(), now)
+        when = policy.next_attempt()
+        assert when is not None
+        now = when
+    assert policy.failures == 2000 and Backoff(maximum=60.0, jitter=0.0).delay(10**6, 0.5) == 60.0

@@ -49,6 +49,16 @@ the others go on. When the broker closes itself (the application called its
 read, what was queued before goes out (for up to :data:`CLOSE_TIMEOUT`
 seconds) and the socket is closed.
 
+Time is the core's (:mod:`pbcore.timers`): each connection's
+``connection.timers`` is polled on ``trio.current_time()`` after the
+connection starts, after every chunk read, when new output is written and
+when the deadline it asked for comes, by one timer task in the connection's
+nursery (cancelled with it). So a silent port fails ``getRootObject()``, a
+peer gone silent is probed and dropped, and ``callRemote(...,
+pbtimeout=seconds)`` fails with :class:`~pbcore.errors.CallTimedOut`, as the
+factory's ``Timeouts`` say (whose ``tcp_keepalive``, if set, is applied to
+each connection's socket as well).
+
 Ordering is Twisted's: calls are invoked in the order they arrived, and a task
 awaiting an answer wakes up only after the calls that arrived before that
 answer (a cache's ``observe_`` update, say) have been invoked.
@@ -62,7 +72,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
+import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
@@ -75,6 +87,7 @@ from pbcore.errors import ProtocolError
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.isolation import describe
 from pbcore.serving import Dispatcher
+from pbcore.timers import ConnectionTimers
 
 __all__ = [
     "CHUNK",
@@ -201,6 +214,16 @@ class Connection:
         self.broker = make_broker(
             pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued, peer=peer
         )
+        #: The broker's timers (handshake, keepalive, dead peer, call deadlines), polled on trio's clock.
+        self.timers = ConnectionTimers(self.broker)
+        # The connection's one wake-up: the timer task sleeps in this scope until its deadline.
+        self._sleep = trio.CancelScope()
+        self._wake_at = math.inf  # that deadline
+        self._now = trio.lowlevel.current_clock().current_time  # what trio.current_time() reads
+        keepalive, sock = self.broker.timeouts.tcp_keepalive, _socket_of(stream)
+        if keepalive is not None and sock is not None:
+            keepalive.apply(sock, socket)  # the kernel's keepalive too, when asked
+        self._unpolled = False  # output taken since the last poll (a call's deadline to arm, maybe)
         #: Runs the calls the peer makes (``dispatcher.running``: the async ones running now).
         self.dispatcher = Dispatcher(self.broker, self._spawn)
 
@@ -235,7 +258,9 @@ class Connection:
                     self._nursery = nursery
                     self.broker.connection_made()
                     self._flush()
+                    self._poll()
                     nursery.start_soon(self._writer)
+                    nursery.start_soon(self._timer)
                     with self._reading:
                         await self._reader()
                     # The broker closed itself: what it queued before goes out, then the socket closes.
@@ -312,6 +337,7 @@ class Connection:
         if data:
             self._outgoing += data
             self._wanted.set()
+            self._unpolled = True
         if self.broker.closed and not self._draining:
             # It closed itself (the application called connection_lost, or a peer
             # went over MAX_BROKER_REFS): read no more; run() writes what is queued and closes.
@@ -359,6 +385,7 @@ class Connection:
             finally:
                 self._release_held()
             self._flush()
+            self._poll()
 
     async def _start_calls(self) -> None:
         # A function of its own, so that no event (holding a result, which may
@@ -395,10 +422,31 @@ class Connection:
                 self._calls_done.set()
                 self._calls_done = trio.Event()
 
+    def _poll(self) -> None:
+        # Run the timers now. A deadline sooner than the wake-up's moves it; a
+        # later one (input moves the idle deadline on every read) waits for the
+        # wake-up, which polls and goes back to sleep: the hot path stays a poll.
+        self._unpolled = False
+        deadline = self.timers.poll(self._now())
+        if deadline is not None and deadline < self._wake_at:
+            self._wake_at = self._sleep.deadline = deadline
+
+    async def _timer(self) -> None:
+        # Cancelled with the connection's nursery when it closes.
+        while True:
+            with self._sleep:
+                await trio.sleep_forever()  # until the deadline
+            self._sleep, self._wake_at = trio.CancelScope(), math.inf
+            self._poll()
+
     async def _writer(self) -> None:
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()
+            if self._unpolled:
+                # New output (the output hook woke us), and no poll since: arm the
+                # deadlines of the calls just made. Once, here, for a batch of output.
+                self._poll()
             while self._outgoing:
                 chunk = self._outgoing[:HIGH_WATER]  # a large message in one send
                 try:

@@ -24,10 +24,11 @@ from pbcore.cred import (
     Unauthorized,
     UsernamePassword,
 )
-from pbcore.errors import DeadReferenceError, Error, NoSuchMethod, PBConnectionLost
+from pbcore.errors import CallTimedOut, ConnectionTimedOut, DeadReferenceError, Error, NoSuchMethod, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import MAX_BROKER_REFS, CopiedFailure
 from pbcore.serving import TooManyCalls
+from pbcore.timers import Timeouts
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import (
     CounterCache,
@@ -777,5 +778,148 @@ def test_async_with_server_closes_on_exit() -> None:
             async with pbcore_trio.open_server(PBServerFactory(TrioPeerRootMaker())) as server:
                 raise KeyError("mine")
         await server.wait_closed()
+
+    run(body)
+
+
+# -- timers: pbcore.timers run on trio's clock ------------------------------------------------------
+
+SHORT = Timeouts(handshake=0.5, idle=0.3, probe=0.3)
+
+
+@asynccontextmanager
+async def listening() -> AsyncIterator[trio.SocketListener]:
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        yield listener
+    finally:
+        await listener.aclose()
+
+
+def port_of(listener: trio.SocketListener) -> int:
+    port: int = listener.socket.getsockname()[1]
+    return port
+
+
+async def silent_pb_server(stream: trio.abc.Stream) -> None:
+    """Complete the PB handshake as a server would, then never read or write again."""
+    server = Broker(is_client=False)
+    server.connection_made()
+    await stream.send_all(server.data_to_send())  # the dialect offer
+    server.receive_data(bytes(await stream.receive_some(65536)))  # the client's choice
+    await stream.send_all(server.data_to_send())
+
+
+def test_a_port_that_never_speaks_fails_get_root_object_with_a_handshake_timeout() -> None:
+    async def body() -> None:
+        async with listening() as listener:
+            factory = PBClientFactory(timeouts=SHORT)
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", port_of(listener)) as connection:
+                accepted = await listener.accept()
+                started = trio.current_time()
+                with pytest.raises(PBConnectionLost) as lost:
+                    await factory.getRootObject()
+                assert trio.current_time() - started < 5
+                (reason,) = lost.value.args
+                assert isinstance(reason, ConnectionTimedOut) and "nothing arrived" in str(reason)
+                with trio.fail_after(5):
+                    await connection.wait_closed()
+                assert connection.close_reason is reason
+                with trio.fail_after(5):
+                    await read_to_eof(accepted)  # this side closed the socket
+                await accepted.aclose()
+
+    run(body)
+
+
+@pytest.mark.parametrize("call", [True, False], ids=["a-call-pending", "nothing-sent"])
+def test_a_server_gone_silent_after_the_handshake_is_probed_then_dropped(call: bool) -> None:
+    # A long handshake timeout: keepalive runs from the read that completed the
+    # handshake on (nothing is written after it when no call is made).
+    async def body() -> None:
+        async with listening() as listener:
+            factory = PBClientFactory(timeouts=Timeouts(handshake=30, idle=0.3, probe=0.3))
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", port_of(listener)) as connection:
+                accepted = await listener.accept()
+                await silent_pb_server(accepted)
+                root = await factory.getRootObject()
+                started = trio.current_time()
+                if call:
+                    with pytest.raises(PBConnectionLost) as lost, trio.fail_after(5):
+                        await root.callRemote("echo", 1)
+                    (reason,) = lost.value.args
+                    assert reason is connection.close_reason
+                with trio.fail_after(5):
+                    await connection.wait_closed()
+                assert trio.current_time() - started < 5  # idle + probe is 0.6 s
+                reason = connection.close_reason
+                assert isinstance(reason, ConnectionTimedOut) and "taken for gone" in str(reason)
+                assert factory.broker is not None and factory.broker.closed
+                with trio.fail_after(5):
+                    await read_to_eof(accepted)  # the call, the probe, then the end
+                await accepted.aclose()
+
+    run(body)
+
+
+def test_a_client_gone_silent_after_the_handshake_is_dropped_by_the_server() -> None:
+    async def body() -> None:
+        async with serving(PBServerFactory(TrioPeerRootMaker(), timeouts=SHORT)) as server:
+            raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+            client = Broker(is_client=True)
+            client.connection_made()
+            while not client.ready:
+                client.receive_data(bytes(await raw.receive_some(65536)))
+                await raw.send_all(client.data_to_send())
+            # and never reads or writes again
+            await until(lambda: len(server.connections) == 1)
+            served = the_connection(server)
+            with trio.fail_after(5):
+                await served.wait_closed()
+            reason = served.close_reason
+            assert isinstance(reason, ConnectionTimedOut) and "taken for gone" in str(reason)
+            await until(lambda: not server.connections)
+            with trio.fail_after(5):
+                await read_to_eof(raw)  # the probe, then the end
+            await raw.aclose()
+
+    run(body)
+
+
+def test_keepalive_probes_answered_keep_an_idle_connection() -> None:
+    async def body() -> None:
+        quick = Timeouts(idle=0.2, probe=0.2)
+        async with serving(PBServerFactory(TrioPeerRootMaker(), timeouts=quick)) as server:
+            factory = PBClientFactory(timeouts=quick)
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
+                root = await factory.getRootObject()
+                served = the_connection(server)
+                before = (connection.broker.bytes_received, served.broker.bytes_received)
+                await trio.sleep(2)  # nothing but probes and their answers
+                after = (connection.broker.bytes_received, served.broker.bytes_received)
+                assert after[0] > before[0] and after[1] > before[1]  # both sides probed, both answered
+                assert await root.callRemote("echo", "still here") == [["still here"], {}]
+                assert not connection.closed.is_set() and served is the_connection(server)
+                assert connection.timers.broker is connection.broker
+
+    run(body)
+
+
+def test_a_call_past_its_pbtimeout_fails_and_the_connection_goes_on() -> None:
+    async def body() -> None:
+        maker = TrioPeerRootMaker()
+        async with serving(PBServerFactory(maker)) as server:
+            factory = PBClientFactory()  # the default timeouts: only the call's deadline is short
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
+                root = await factory.getRootObject()
+                started = trio.current_time()
+                with pytest.raises(CallTimedOut) as timed_out, trio.fail_after(5):
+                    await root.callRemote("hang", pbtimeout=0.3)
+                assert trio.current_time() - started < 5
+                assert "hang" in str(timed_out.value)
+                assert maker.shared.hangs == 1  # the server got it and never answered
+                assert await root.callRemote("echo", "next") == [["next"], {}]
+                assert connection.broker.calls_in_flight == 0
+                assert not connection.closed.is_set()
 
     run(body)

@@ -11,13 +11,16 @@ The root object (one per connection) answers:
 ``ticker()``             the Cacheable :class:`Ticker` (copy tag ``pbcore.demo.Ticker``);
                          each tick calls ``observe_tick(value)`` on every copy
 ``fail()``               raises :class:`DemoError`, an expected error (a ``pbcore.Error``)
+``counter(name)``        the Referenceable :class:`Counter` of that name (made on first
+                         use, at most 100, shared by every connection): a remote
+                         reference, to call ``add(n=1)`` (the new count) and ``count()``
 ``login(username)``      the challenge-response login (see :mod:`pbcore.cred`)
 ``loginAnonymous(mind)`` an anonymous login (refused when ``open=False``)
 =======================  ==============================================================
 
 A login gives a :class:`Visitor` avatar, whose ``perspective_*`` methods are
-the root's four (``echo``, ``note``, ``ticker``, ``fail``) plus ``whoami()``
-(its name) and ``board()``: the :class:`Board`, a Viewable, so each visitor
+the root's five (``echo``, ``note``, ``ticker``, ``fail``, ``counter``) plus
+``whoami()`` (its name) and ``board()``: the :class:`Board`, a Viewable, so each visitor
 holds a view of it that knows who they are (``post(text)``, ``read()``).
 
 With ``open=False`` (``pbcore serve --user ... --password ...``) the root
@@ -42,12 +45,13 @@ from .cred import (
 )
 from .errors import Error
 from .factory import PBServerFactory
-from .flavors import Cacheable, Copyable, RemoteCache, RemoteCacheObserver, RemoteCopy, Viewable
+from .flavors import Cacheable, Copyable, Referenceable, RemoteCache, RemoteCacheObserver, RemoteCopy, Viewable
 from .jelly import setUnjellyableForClass
 
 __all__ = [
     "DEFAULT_PORT",
     "Board",
+    "Counter",
     "DemoError",
     "DemoService",
     "Note",
@@ -59,6 +63,9 @@ __all__ = [
 
 #: The port ``pbcore serve`` listens on unless told otherwise.
 DEFAULT_PORT: Final = 8787
+
+#: How many counters ``counter(name)`` makes at most (each name a new one).
+MAX_COUNTERS: Final = 100
 
 NOTE_TAG: Final = b"pbcore.demo.Note"
 TICKER_TAG: Final = b"pbcore.demo.Ticker"
@@ -133,6 +140,23 @@ setUnjellyableForClass(NOTE_TAG, NoteCopy)
 setUnjellyableForClass(TICKER_TAG, TickerCache)
 
 
+class Counter(Referenceable):
+    """A named count; it travels as a reference, so its methods are called where it lives."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.value = 0
+
+    def remote_add(self, n: int = 1) -> int:
+        if type(n) is not int:
+            raise DemoError(f"add() takes an int, not {type(n).__name__}")
+        self.value += n
+        return self.value
+
+    def remote_count(self) -> int:
+        return self.value
+
+
 class Board(Viewable):
     """Notes posted by visitors; each visitor reaches it through their own view."""
 
@@ -173,6 +197,9 @@ class Visitor(Avatar):
     def perspective_fail(self) -> None:
         self.service.fail()
 
+    def perspective_counter(self, name: str) -> Counter:
+        return self.service.counter(name)
+
 
 class _OpenRoot(_PortalWrapper):
     """A root offering the demo's calls as well as the login."""
@@ -193,6 +220,9 @@ class _OpenRoot(_PortalWrapper):
     def remote_fail(self) -> None:
         self.service.fail()
 
+    def remote_counter(self, name: str) -> Counter:
+        return self.service.counter(name)
+
 
 class DemoService:
     """The demo: a ticker and a board shared by all connections, and a login.
@@ -205,6 +235,7 @@ class DemoService:
     def __init__(self, users: Mapping[str, str] | None = None, open: bool = True) -> None:
         self.ticker = Ticker()
         self.board = Board()
+        self.counters: dict[str, Counter] = {}
         self.open = open
         checkers: list[ICredentialsChecker] = [InMemoryPasswordChecker(**dict(users or {}))]
         if open:
@@ -222,6 +253,16 @@ class DemoService:
     def fail(self) -> None:
         """Raise the demo's expected error."""
         raise DemoError("this is what an error answer looks like")
+
+    def counter(self, name: str) -> Counter:
+        """The counter named *name*, made on first use."""
+        name = str(name)
+        counter = self.counters.get(name)
+        if counter is None:
+            if len(self.counters) >= MAX_COUNTERS:
+                raise DemoError(f"there are {MAX_COUNTERS} counters already: use one of them")
+            counter = self.counters[name] = Counter(name)
+        return counter
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Visitor, Callable[[], None]]:
         """The realm: every login gets a :class:`Visitor`."""

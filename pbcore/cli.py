@@ -5,25 +5,40 @@ port of 127.0.0.1, calls it over TCP from two clients in the same process and
 prints a tour: values, a copy, a cache kept up to date, errors, logging in, a
 view and reference counting.
 
-``pbcore serve [--host H] [--port 8787] [--user NAME --password PW]
-[--tick SECONDS]`` serves the demo service until interrupted. Without a user
-its root answers the demo's calls and logins are anonymous; with users, the
-root answers only ``login`` and everything is behind it.
+``pbcore serve [--host H] [--port 8787] [--user NAME [--password-env VAR]]
+[--cert FILE [--key FILE] [--cafile FILE]] [--tick SECONDS]`` serves the demo
+service until interrupted. Without a user its root answers the demo's calls
+and logins are anonymous; with users, the root answers only ``login`` and
+everything is behind it. With ``--cert`` it serves TLS only; with
+``--cafile`` too, clients must present a certificate that CA signed.
 
-``pbcore call HOST[:PORT] METHOD [ARG...] [--kw NAME=VALUE] [--user NAME
---password PW | --anonymous] [--timeout SECONDS]`` connects to any PB server
-(Twisted's included), calls METHOD on its root object, or on the avatar after
-logging in, and prints the answer's ``repr``. Each ARG and VALUE is a Python
-literal (``42``, ``2.5``, ``"42"``, ``b'raw'``, ``[1, 2]``, ``None``) or else
-a plain string. An answer holding a copy of a class not loaded here (an
-unknown copy tag) cannot be shown: the call then fails with the tag's name.
+``pbcore call HOST[:PORT] METHOD [ARG...] [--kw NAME=VALUE] [--then METHOD
+[ARG...]]... [--user NAME [--password-env VAR] | --anonymous] [--tls]
+[--cafile FILE] [--cert FILE [--key FILE]] [--timeout S] [--connect-timeout
+S] [--trace FILE]`` connects to any PB server (Twisted's included), calls
+METHOD on its root object, or on the avatar after logging in, and prints the
+answer's ``repr``; each ``--then`` calls a method on what the call before
+answered (a remote reference), each answer printed on its own line. Each ARG
+and VALUE is a Python literal (``42``, ``2.5``, ``"42"``, ``b'raw'``, ``[1,
+2]``, ``None``) or else a plain string. An answer holding a copy of a class
+not loaded here (an unknown copy tag) cannot be shown: the call then fails
+with the tag's name.
+
+A password comes from ``--password-env VAR``, or is asked for on the terminal
+(``getpass``) when ``--user`` comes alone; with no terminal that is a usage
+error. ``--password PW`` works too, but shows in ``ps``. ``--trace FILE``
+writes both directions of the connection (the plain PB bytes, under any TLS)
+as text lines, ``> HEX`` sent and ``< HEX`` received (:class:`TraceWriter`),
+which ``pbcore decode --trace FILE`` decodes, with arrows.
 
 These three need an event loop: they run on :mod:`pbcore_asyncio`, which is
 imported only for them, so the core and ``pbcore decode`` load no I/O.
 
-``pbcore decode [FILE] [--hex] [--dialect pb|none] [--jelly]`` reads a Banana
-byte stream (a capture of one direction of a PB connection, say) from FILE or
-standard input and prints each complete expression on its own line.
+``pbcore decode [FILE] [--hex | --trace] [--dialect pb|none] [--jelly]``
+reads a Banana byte stream (a capture of one direction of a PB connection,
+say) from FILE or standard input and prints each complete expression on its
+own line; with ``--trace``, a trace of both directions, each expression after
+``-> `` (sent) or ``<- `` (received), in the order they went.
 
 Without ``--jelly`` an expression is printed as it travels: lists in
 brackets, ints and floats as Python writes them, byte strings as Python bytes
@@ -61,8 +76,9 @@ Cacheable's first copy. An expression that does not unjelly (a malformed
 message, a refused form such as ``instance``) is printed raw, followed by
 ``  # not jelly: <why>``; decoding goes on with the next one.
 
-Exit status: 0 when all went well; 1 when the call fails (a remote error, no
-connection, no answer in time), the demo fails, or the decoded stream is
+Exit status: 0 when all went well; 1 when a call fails (a remote error, no
+connection, a TLS handshake or certificate that failed, no answer in time,
+``--then`` after an answer that is no reference), the demo fails, or the decoded stream is
 malformed or ends inside an expression (what decoded before the fault is
 printed first; the error goes to standard error); 2 for usage errors and
 unreadable input.
@@ -72,11 +88,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import getpass
 import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 from . import __version__
 from .banana import DIALECTS, VOCABULARY, Decoder, Sexp
@@ -85,7 +102,10 @@ from .demo import DEFAULT_PORT
 from .errors import BananaError, JellyError, ProtocolError
 from .jelly import Unjellier
 
-__all__ = ["Placeholder", "format_jelly", "format_sexp", "main", "parse_address", "parse_value"]
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = ["Placeholder", "TraceWriter", "format_jelly", "format_sexp", "main", "parse_address", "parse_value"]
 
 _CHUNK: Final = 64 * 1024
 
@@ -101,6 +121,34 @@ _MESSAGE_SIZES: Final[dict[bytes, int]] = {
     b"version": 2,
     b"didNotUnderstand": 2,
 }
+
+_CALL_EPILOG: Final = """\
+arguments:
+  Each ARG and --kw VALUE is a Python literal (42, 2.5, "42", b'raw', [1, 2],
+  None) or else a plain string. --kw goes with the first call only.
+
+calls on what the answer returns:
+  pbcore call HOST counter visits --then add 2 --then ...
+  calls counter('visits') on the root, then add(2) on the reference it
+  answered, and so on. Each answer's repr is printed on its own line as it
+  comes, the first call's first; if a call fails, the answers before it are
+  printed and the error ends the command (exit 1), as it does when --then
+  follows an answer that is not a remote reference.
+
+passwords:
+  --user NAME alone asks for the password on the terminal; with no terminal,
+  give --password-env NAME. --password PW works, but other users can see it
+  in the process list (ps).
+
+timeouts:
+  --connect-timeout bounds the TCP connection (and TLS handshake), then the
+  PB handshake; --timeout bounds the login, and each call's answer. The error
+  says which ran out.
+
+exit status:
+  0 every call answered; 1 a remote error, no connection, a TLS handshake or
+  certificate that failed, no answer in time; 2 usage error.
+"""
 
 _DECODE_EPILOG: Final = """\
 output:
@@ -120,6 +168,12 @@ output:
   classes that are not loaded here print as placeholders (<remote 3>,
   <copy b'mod.Class' {...}>). What does not unjelly is printed raw, followed
   by '# not jelly: <reason>'.
+
+traces:
+  With --trace the input is a trace, as `pbcore call --trace FILE` writes it
+  (lines '> HEX' sent, '< HEX' received, '#' comments): both directions are
+  decoded, each expression printed in the order it went, after '-> ' if it
+  was sent or '<- ' if it was received.
 
 exit status:
   0 the stream decoded; 1 the stream is malformed or truncated (what came
@@ -335,45 +389,123 @@ def _write(out: IO[str], line: str) -> None:
 
 
 def _decode(chunks: Iterable[bytes], dialect: bytes, as_jelly: bool, out: IO[str], err: IO[str]) -> int:
-    decoder = Decoder(dialect)
+    return _decode_directions((("", chunk) for chunk in chunks), dialect, as_jelly, out, err)
+
+
+class _Stream:
+    """One direction of a stream being decoded."""
+
+    def __init__(self, dialect: bytes, name: str) -> None:
+        self.decoder = Decoder(dialect)
+        self.name = f"the {name} stream" if name else "the stream"
+        self.prefix = _ARROWS.get(name, "")
+        self.received = 0
+        self.start = 0  # where the expression being received began
+
+
+def _decode_directions(
+    chunks: Iterable[tuple[str, bytes]], dialect: bytes, as_jelly: bool, out: IO[str], err: IO[str]
+) -> int:
+    """Decode chunks of one stream ("") or of two ("sent", "received"), each printed as it completes."""
     render = format_jelly if as_jelly else format_sexp
-    received = 0
-    start = 0  # where the expression being received began
-    try:
-        for chunk in chunks:
+    streams: dict[str, _Stream] = {}
+    for name, chunk in chunks:
+        stream = streams.get(name)
+        if stream is None:
+            stream = streams[name] = _Stream(dialect, name)
+        decoder = stream.decoder
+        try:
             decoder.feed(chunk)
-            received += len(chunk)
+            stream.received += len(chunk)
             for expression in decoder:
-                _write(out, render(expression, dialect))
-                start = decoder.offset
+                _write(out, stream.prefix + render(expression, dialect))
+                stream.start = decoder.offset
+        except BananaError as error:
             out.flush()
-    except BananaError as error:
+            where = f"{stream.name}: " if name else ""
+            err.write(f"pbcore decode: error: {where}{error}\n")
+            return 1
         out.flush()
-        err.write(f"pbcore decode: error: {error}\n")
-        return 1
-    if not decoder.at_boundary:
-        err.write(
-            f"pbcore decode: error: the stream ends inside an expression"
-            f" (it starts at byte {start}; the stream has {received} bytes)\n"
+    status = 0
+    for stream in streams.values():
+        if not stream.decoder.at_boundary:
+            err.write(
+                f"pbcore decode: error: {stream.name} ends inside an expression"
+                f" (it starts at byte {stream.start}; the stream has {stream.received} bytes)\n"
+            )
+            status = 1
+    return status
+
+
+# ---------------------------------------------------------------------------
+# Traces: both directions of a connection, as `pbcore call --trace` writes them
+
+_TRACE_MARKERS: Final = {">": "sent", "<": "received"}
+_ARROWS: Final = {"sent": "-> ", "received": "<- "}
+_TRACE_WIDTH: Final = 32  # bytes per line
+
+
+class TraceWriter:
+    """Writes what a connection carries, as ``pbcore decode --trace`` reads it.
+
+    A trace is text: ``#`` comment lines, then one line per chunk of at most
+    32 bytes, ``>`` for what was sent or ``<`` for what was received, a space
+    and the bytes in hex, in the order they went. ``grep '^<' FILE | cut -c3-``
+    is the received stream alone, as ``pbcore decode --hex`` reads it.
+    """
+
+    def __init__(self, file: IO[str], about: str) -> None:
+        self.file = file
+        file.write(
+            f"# pbcore trace: {about}\n"
+            "# '>' sent, '<' received, bytes in hex; `pbcore decode --trace FILE` shows the messages\n"
         )
-        return 1
-    return 0
+        file.flush()
+
+    def __call__(self, direction: str, data: bytes) -> None:
+        """Record *data*, sent (``">"``) or received (``"<"``)."""
+        if direction not in _TRACE_MARKERS:
+            raise ValueError(f"direction must be '>' or '<', not {direction!r}")
+        for start in range(0, len(data), _TRACE_WIDTH):
+            self.file.write(f"{direction} {data[start : start + _TRACE_WIDTH].hex(' ')}\n")
+        self.file.flush()  # a trace cut short is still read up to there
+
+
+def _trace_chunks(lines: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
+    """(``"sent"`` or ``"received"``, bytes) for each line of a trace; raises _InputError for a bad line."""
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith(b"#"):
+            continue
+        direction = _TRACE_MARKERS.get(text[:1].decode("latin-1"))
+        if direction is None:
+            raise _InputError(f"line {number} of the trace: expected '> HEX' or '< HEX', got {text[:40]!r}")
+        try:
+            data = bytes.fromhex(text[1:].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise _InputError(f"line {number} of the trace: invalid hex after {text[:1].decode()!r}") from None
+        yield direction, data
+
+
+def _decode_stream(stream: IO[bytes], args: argparse.Namespace) -> int:
+    dialect = args.dialect.encode("ascii")
+    if args.trace:
+        return _decode_directions(_trace_chunks(stream), dialect, args.jelly, sys.stdout, sys.stderr)
+    if args.hex:
+        return _decode([_parse_hex(stream.read())], dialect, args.jelly, sys.stdout, sys.stderr)
+    return _decode(_chunks(stream), dialect, args.jelly, sys.stdout, sys.stderr)
 
 
 def _run_decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    dialect = args.dialect.encode("ascii")
     path: str | None = args.file
     try:
         if path is None or path == "-":
-            stream: IO[bytes] = sys.stdin.buffer
-            if args.hex:
-                return _decode([_parse_hex(stream.read())], dialect, args.jelly, sys.stdout, sys.stderr)
-            return _decode(_chunks(stream), dialect, args.jelly, sys.stdout, sys.stderr)
+            return _decode_stream(sys.stdin.buffer, args)
         try:
             with open(path, "rb") as file:
-                if args.hex:
-                    return _decode([_parse_hex(file.read())], dialect, args.jelly, sys.stdout, sys.stderr)
-                return _decode(_chunks(file), dialect, args.jelly, sys.stdout, sys.stderr)
+                return _decode_stream(file, args)
+        except BrokenPipeError:  # writing the output, not reading the file
+            raise
         except OSError as error:
             raise _InputError(f"cannot read {path}: {error.strerror or error}") from None
     except _InputError as error:
@@ -430,40 +562,133 @@ def _positive(text: str) -> float:
     return value
 
 
+def _password(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """The password for ``--user``: from --password, --password-env or a prompt; None without a user."""
+    if args.user is None:
+        if args.password is not None or args.password_env is not None:
+            parser.error("a password needs --user")
+        return None
+    if args.password is not None:
+        return str(args.password)
+    if args.password_env is not None:
+        password = os.environ.get(args.password_env)
+        if password is None:
+            parser.error(f"--password-env {args.password_env}: the environment variable is not set")
+        return password
+    if not sys.stdin.isatty():
+        parser.error(
+            f"--user {args.user} needs a password and standard input is not a terminal to ask it on:"
+            " give --password-env NAME (the environment variable that holds it)"
+            " or --password PW (which other users can see in ps)"
+        )
+    try:
+        return getpass.getpass(f"password for {args.user}: ")
+    except (EOFError, KeyboardInterrupt):
+        sys.stderr.write("\n")
+        parser.error(f"no password given for {args.user}")
+
+
+def _tls_error(option: str, path: str, error: Exception) -> str:
+    why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return f"{option} {path}: {re.sub(r' [(]_ssl[.]c:[0-9]+[)]$', '', why)}"  # no "(_ssl.c:4154)"
+
+
+def _client_tls(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ssl.SSLContext | None:
+    """``pbcore call``'s TLS context: the system's trust, or only --cafile's; a client certificate."""
+    if args.key is not None and args.cert is None:
+        parser.error("--key goes with --cert")
+    if not (args.tls or args.cafile is not None or args.cert is not None):
+        return None
+    import ssl  # noqa: PLC0415  (only for TLS)
+
+    try:
+        context = ssl.create_default_context(cafile=args.cafile)
+    except (OSError, ValueError) as error:
+        parser.error(_tls_error("--cafile", args.cafile, error))
+    if args.cert is not None:
+        try:
+            context.load_cert_chain(args.cert, args.key)
+        except (OSError, ValueError) as error:
+            parser.error(_tls_error("--cert", args.cert, error))
+    return context
+
+
+def _server_tls(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ssl.SSLContext | None:
+    """``pbcore serve``'s TLS context: its certificate; with --cafile, client certificates required."""
+    if args.cert is None:
+        if args.tls or args.key is not None or args.cafile is not None:
+            parser.error("TLS needs the server's certificate: --cert FILE (and --key FILE unless it holds the key)")
+        return None
+    import ssl  # noqa: PLC0415  (only for TLS)
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.cert, args.key)
+    except (OSError, ValueError) as error:
+        parser.error(_tls_error("--cert", args.cert, error))
+    if args.cafile is not None:
+        try:
+            context.load_verify_locations(cafile=args.cafile)
+        except (OSError, ValueError) as error:
+            parser.error(_tls_error("--cafile", args.cafile, error))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if (args.user is None) != (args.password is None):
-        parser.error("--user and --password go together")
+    ssl_context = _server_tls(args, parser)
+    password = _password(args, parser)
     from pbcore_asyncio.cli import run_serve  # noqa: PLC0415  (loads asyncio only for this command)
 
-    users = {args.user: args.password} if args.user is not None else {}
-    return run_serve(args.host, args.port, users=users, tick=args.tick, out=sys.stdout, err=sys.stderr)
+    users = {args.user: password} if args.user is not None and password is not None else {}
+    return run_serve(
+        args.host, args.port, users=users, tick=args.tick, out=sys.stdout, err=sys.stderr, ssl_context=ssl_context
+    )
 
 
 def _run_call(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if (args.user is None) != (args.password is None):
-        parser.error("--user and --password go together")
     if args.anonymous and args.user is not None:
         parser.error("--anonymous and --user exclude each other")
     try:
         host, port = parse_address(args.address)
     except ValueError as error:
         parser.error(str(error))
+    ssl_context = _client_tls(args, parser)
+    password = _password(args, parser)
+    trace_file: IO[str] | None = None
+    if args.trace is not None:
+        try:
+            trace_file = open(args.trace, "w", encoding="utf-8")  # noqa: SIM115  (closed below)
+        except OSError as error:
+            parser.error(f"--trace {args.trace}: {error.strerror or error}")
     from pbcore_asyncio.cli import run_call  # noqa: PLC0415  (loads asyncio only for this command)
 
     credentials = (
-        Anonymous() if args.anonymous else UsernamePassword(args.user, args.password) if args.user is not None else None
+        Anonymous()
+        if args.anonymous
+        else UsernamePassword(args.user, password)
+        if args.user is not None and password is not None
+        else None
     )
-    return run_call(
-        host,
-        port,
-        args.method,
-        [parse_value(arg) for arg in args.args],
-        kwargs=dict(args.kw),
-        credentials=credentials,
-        timeout=args.timeout,
-        out=sys.stdout,
-        err=sys.stderr,
-    )
+    calls = [(args.method, [parse_value(arg) for arg in args.args])]
+    calls += [(method, [parse_value(arg) for arg in rest]) for method, *rest in args.then]
+    try:
+        return run_call(
+            host,
+            port,
+            calls,
+            kwargs=dict(args.kw),
+            credentials=credentials,
+            timeout=args.timeout,
+            connect_timeout=args.connect_timeout,
+            out=sys.stdout,
+            err=sys.stderr,
+            ssl_context=ssl_context,
+            trace=None if trace_file is None else TraceWriter(trace_file, f"pbcore call {host}:{port}"),
+        )
+    finally:
+        if trace_file is not None:
+            trace_file.close()
 
 
 def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -483,41 +708,101 @@ def _add_network_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
         help="serve the demo service (echo, a copy, a cache, a view behind a login)",
         description=(
             "Serve the demo service until interrupted. Its root answers echo(*args), note(text) (a Copyable),"
-            " ticker() (a Cacheable that the server ticks), fail() and login; an avatar adds whoami() and"
-            " board() (a Viewable: post(text), read())."
+            " ticker() (a Cacheable that the server ticks), counter(name) (a Referenceable: add(n=1),"
+            " count()), fail() and login; an avatar adds whoami() and board() (a Viewable: post(text), read())."
+        ),
+        epilog=(
+            "--user NAME alone asks for the password on the terminal; with no terminal, give --password-env"
+            " NAME (--password PW works, but other users can see it in ps). With --cert (and --key) it serves"
+            " TLS only."
         ),
     )
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the port (default: {DEFAULT_PORT}; 0: any)")
-    serve.add_argument("--user", help="require a login as this user (no anonymous login, nothing before login)")
-    serve.add_argument("--password", help="the user's password")
-    serve.add_argument("--tick", type=_positive, default=1.0, help="seconds between ticker updates (default: 1)")
+    serve.add_argument(
+        "--tick", type=_positive, default=1.0, metavar="S", help="seconds between ticker updates (default: 1)"
+    )
+    _add_login_options(
+        serve, "require a login as this user (no anonymous login, nothing before login)", "the user's password"
+    )
+    tls = serve.add_argument_group("TLS")
+    tls.add_argument("--cert", metavar="FILE", help="serve over TLS with this certificate (PEM; its chain too)")
+    tls.add_argument("--key", metavar="FILE", help="the certificate's private key (PEM), unless --cert holds it")
+    tls.add_argument("--cafile", metavar="FILE", help="require client certificates, signed by a CA in this file (PEM)")
+    tls.add_argument("--tls", action="store_true", help="serve over TLS (this needs --cert)")
     call = commands.add_parser(
         "call",
         help="call a method on any PB server and print the answer",
         description=(
-            "Connect to a PB server (Twisted's included), call METHOD on its root object, or on the avatar"
-            " after logging in, and print the answer's repr."
+            "Connect to a PB server (Twisted's included), call METHOD on its root object, or on\n"
+            "the avatar after logging in, and print the answer's repr. With --then, call a\n"
+            "method on what the previous call answered (a remote reference), and so on."
         ),
-        epilog=(
-            "Each ARG and --kw VALUE is a Python literal (42, 2.5, \"42\", b'raw', [1, 2], None) or else a"
-            " plain string. Exit status: 0 answered; 1 remote error, no connection or no answer in time;"
-            " 2 usage error."
-        ),
+        epilog=_CALL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     call.add_argument("address", metavar="HOST[:PORT]", help=f"the server (the port defaults to {DEFAULT_PORT})")
     call.add_argument("method", metavar="METHOD", help="the remote method's name, without remote_/perspective_")
     call.add_argument("args", metavar="ARG", nargs="*", help="positional arguments")
     call.add_argument(
-        "--kw", metavar="NAME=VALUE", type=_parse_keyword, action="append", default=[], help="a keyword argument"
+        "--kw",
+        metavar="NAME=VALUE",
+        type=_parse_keyword,
+        action="append",
+        default=[],
+        help="a keyword argument (of the first call)",
     )
-    call.add_argument("--user", help="log in as this user first and call the avatar")
-    call.add_argument("--password", help="the user's password")
-    call.add_argument("--anonymous", action="store_true", help="log in anonymously first and call the avatar")
     call.add_argument(
-        "--timeout", type=_positive, default=10.0, help="seconds to wait for the connection and answer (default: 10)"
+        "--then",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("METHOD", "ARG"),
+        help="then call METHOD on what the previous call answered, which must be a remote reference (repeatable)",
     )
+    call.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="S",
+        default=10.0,
+        help="seconds to wait for the login and for each call's answer (default: 10)",
+    )
+    call.add_argument(
+        "--connect-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="seconds for the TCP connection (and TLS handshake), then as many for the PB handshake (default: 10)",
+    )
+    call.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write the bytes sent and received to FILE; `pbcore decode --trace FILE` shows them",
+    )
+    _add_login_options(call, "log in as this user first and call the avatar", "the user's password")
+    call.add_argument("--anonymous", action="store_true", help="log in anonymously first and call the avatar")
+    tls = call.add_argument_group("TLS")
+    tls.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+    tls.add_argument(
+        "--cafile", metavar="FILE", help="trust only the CAs (or self-signed certificate) in this file; implies --tls"
+    )
+    tls.add_argument("--cert", metavar="FILE", help="a client certificate (PEM) to present; implies --tls")
+    tls.add_argument("--key", metavar="FILE", help="the client certificate's private key, unless --cert holds it")
     return {"demo": demo, "serve": serve, "call": call}
+
+
+def _add_login_options(parser: argparse.ArgumentParser, user_help: str, password_help: str) -> None:
+    parser.add_argument("--user", help=user_help)
+    passwords = parser.add_mutually_exclusive_group()
+    passwords.add_argument(
+        "--password-env", metavar="NAME", help="read the password from the environment variable NAME"
+    )
+    passwords.add_argument(
+        "--password",
+        metavar="PW",
+        help=f"{password_help}: other users can see it in ps; prefer --password-env, or the prompt"
+        " (given --user alone on a terminal)",
+    )
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -536,10 +821,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     decode.add_argument("file", metavar="FILE", nargs="?", help="the stream to read; '-' or absent for stdin")
-    decode.add_argument(
+    form = decode.add_mutually_exclusive_group()
+    form.add_argument(
         "--hex",
         action="store_true",
         help="the input is hexadecimal text (whitespace and a leading 0x are ignored)",
+    )
+    form.add_argument(
+        "--trace",
+        action="store_true",
+        help="the input is a trace written by `pbcore call --trace`: both directions, with arrows",
     )
     decode.add_argument(
         "--dialect",

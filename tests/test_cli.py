@@ -357,3 +357,88 @@ def test_python_m_pbcore_subprocess_bad_input() -> None:
     )
     assert (result.returncode, result.stdout.decode().splitlines()) == (1, ["2"])
     assert result.stderr.decode() == "pbcore decode: error: unknown type byte 0x8f (at byte 2 of the stream)\n"
+
+
+# -- traces (both directions, as `pbcore call --trace` writes them) ------------------------------
+
+CLIENT_STREAM = encode(b"pb") + encode([b"version", 6])
+
+
+def write_trace(*chunks: tuple[str, bytes]) -> str:
+    text = io.StringIO()
+    writer = cli.TraceWriter(text, "a test")
+    for direction, data in chunks:
+        writer(direction, data)
+    return text.getvalue()
+
+
+def test_trace_writer_lines() -> None:
+    trace = write_trace(("<", bytes(range(40))), (">", b"\x01"), (">", b""))
+    assert trace.splitlines()[0] == "# pbcore trace: a test"
+    assert trace.splitlines()[2:] == [
+        "< " + bytes(range(32)).hex(" "),
+        "< " + bytes(range(32, 40)).hex(" "),
+        "> 01",
+    ]
+    with pytest.raises(ValueError, match="direction must be"):
+        write_trace(("=", b"x"))
+
+
+def test_decode_a_trace_interleaves_both_directions(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Each direction split inside an expression: each is printed once it is complete.
+    trace = write_trace(("<", STREAM[:12]), (">", CLIENT_STREAM[:3]), ("<", STREAM[12:14]), (">", CLIENT_STREAM[3:]))
+    trace += "< " + STREAM[14:].hex() + "\n"  # one line, no spaces: read as well
+    path = tmp_path / "trace"
+    path.write_text(trace)
+    status, out, err = run(capsys, "decode", "--trace", "--jelly", str(path))
+    assert (status, err) == (0, "")
+    assert out == [
+        "<- dialects [b'pb', b'none']",
+        "-> b'pb'",
+        "-> version 6",
+        "<- version 6",
+        "<- message #1 to b'root'.echo(args=('hello',), kwargs={}) answer=1",
+    ]
+    set_stdin(monkeypatch, trace.encode())
+    status, out, err = run(capsys, "decode", "--trace")
+    assert (status, err) == (0, "")
+    assert out[:4] == ["<- [b'pb', b'none']", "-> b'pb'", "-> [version, 6]", "<- [version, 6]"]
+
+
+def test_decode_a_broken_trace(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    set_stdin(monkeypatch, write_trace(("<", STREAM), (">", CLIENT_STREAM[:-1])).encode())
+    status, out, err = run(capsys, "decode", "--trace")
+    assert (status, out[-1]) == (1, "-> b'pb'")
+    assert err == (
+        "pbcore decode: error: the sent stream ends inside an expression"
+        " (it starts at byte 4; the stream has 9 bytes)\n"
+    )
+    set_stdin(monkeypatch, write_trace((">", CLIENT_STREAM), ("<", b"\x02\x81\x8f")).encode())
+    status, out, err = run(capsys, "decode", "--trace")
+    assert (status, out) == (1, ["-> b'pb'", "-> [version, 6]", "<- 2"])
+    assert err == "pbcore decode: error: the received stream: unknown type byte 0x8f (at byte 2 of the stream)\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"> 02 80\n= 01\n", "line 2 of the trace: expected '> HEX' or '< HEX', got b'= 01'"),
+        (b"# comment\n\n< 0g\n", "line 3 of the trace: invalid hex after '<'"),
+        (b"< 028\n", "line 1 of the trace: invalid hex after '<'"),
+    ],
+)
+def test_bad_trace_lines(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, text: bytes, message: str
+) -> None:
+    set_stdin(monkeypatch, text)
+    status, _, err = run(capsys, "decode", "--trace")
+    assert status == 2
+    assert err.endswith(f"pbcore decode: error: {message}\n")
+
+
+def test_trace_and_hex_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "decode", "--trace", "--hex")
+    assert status == 2
+    assert "not allowed with" in err

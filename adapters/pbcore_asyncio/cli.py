@@ -13,13 +13,25 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import Awaitable, Mapping, Sequence
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import IO, Any
 
+from pbcore.broker import Broker
 from pbcore.cred import Anonymous, UsernamePassword
 from pbcore.demo import DemoService
-from pbcore.errors import DeadReferenceError, NotJellyable, PBConnectionLost, ProtocolError, RemoteError
+from pbcore.errors import (
+    CallTimedOut,
+    ConnectionTimedOut,
+    DeadReferenceError,
+    NotJellyable,
+    PBConnectionLost,
+    ProtocolError,
+    RemoteError,
+)
 from pbcore.factory import PBClientFactory
+from pbcore.flavors import RemoteReference
+from pbcore.timers import Timeouts
 
 from . import connect, serve
 
@@ -41,10 +53,19 @@ def _describe(error: BaseException) -> str:
 # -- pbcore serve ---------------------------------------------------------------------------
 
 
-def run_serve(host: str, port: int, *, users: Mapping[str, str], tick: float, out: IO[str], err: IO[str]) -> int:
-    """Serve the demo service until SIGINT (Ctrl-C) or SIGTERM; then close every connection and exit 0."""
+def run_serve(
+    host: str,
+    port: int,
+    *,
+    users: Mapping[str, str],
+    tick: float,
+    out: IO[str],
+    err: IO[str],
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
+    """Serve the demo service (over TLS with *ssl_context*) until SIGINT (Ctrl-C) or SIGTERM; then exit 0."""
     try:
-        reason, closed = asyncio.run(_serve(host, port, users, tick, out))
+        reason, closed = asyncio.run(_serve(host, port, users, tick, out, ssl_context=ssl_context))
     except KeyboardInterrupt:  # where the loop cannot handle signals (Windows)
         reason, closed = "interrupted", None
     except OSError as error:
@@ -55,7 +76,9 @@ def run_serve(host: str, port: int, *, users: Mapping[str, str], tick: float, ou
     return 0
 
 
-async def _serve(host: str, port: int, users: Mapping[str, str], tick: float, out: IO[str]) -> tuple[str, int]:
+async def _serve(
+    host: str, port: int, users: Mapping[str, str], tick: float, out: IO[str], *, ssl_context: ssl.SSLContext | None
+) -> tuple[str, int]:
     service = DemoService(users, open=not users)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[str] = loop.create_future()
@@ -70,9 +93,12 @@ async def _serve(host: str, port: int, users: Mapping[str, str], tick: float, ou
             loop.add_signal_handler(signum, stop_on, signum)
             handled.append(signum)
     try:
-        async with await serve(service.server_factory(), host, port) as server:
+        async with await serve(service.server_factory(), host, port, ssl_context=ssl_context) as server:
             host, bound = server.addresses[0][:2]
             access = f"login required: {', '.join(users)}" if users else "open, anonymous login allowed"
+            if ssl_context is not None:
+                clients = ", client certificates required" if ssl_context.verify_mode == ssl.CERT_REQUIRED else ""
+                access = f"TLS{clients}; {access}"
             out.write(f"pbcore serve: listening on {host}:{bound} ({access}); Ctrl-C stops\n")
             out.flush()
             ticking = loop.create_task(_tick(service, tick))
@@ -94,64 +120,166 @@ async def _tick(service: DemoService, tick: float) -> None:
 
 # -- pbcore call ----------------------------------------------------------------------------
 
+#: Told every chunk of bytes the connection carries: (">" sent or "<" received, the bytes).
+Trace = Callable[[str, bytes], None]
+
 
 def run_call(
     host: str,
     port: int,
-    method: str,
-    args: Sequence[Any],
+    calls: Sequence[tuple[str, Sequence[Any]]],
     *,
     kwargs: Mapping[str, Any],
     credentials: Credentials,
     timeout: float,
+    connect_timeout: float,
     out: IO[str],
     err: IO[str],
+    ssl_context: ssl.SSLContext | None = None,
+    trace: Trace | None = None,
 ) -> int:
-    """Call *method* on the server's root (or, with *credentials*, on the avatar) and print the answer."""
+    """Make *calls* and print each answer's repr on its own line, as it comes.
+
+    The first of *calls* (method name, arguments; *kwargs* go with it) is made
+    on the server's root, or with *credentials* on the avatar; each next one
+    on what the one before answered, which must be a remote reference.
+    """
     try:
-        result = asyncio.run(_call(host, port, method, args, kwargs=kwargs, credentials=credentials, timeout=timeout))
+        asyncio.run(
+            _call(
+                host,
+                port,
+                calls,
+                kwargs=kwargs,
+                credentials=credentials,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                ssl_context=ssl_context,
+                trace=trace,
+                out=out,
+            )
+        )
     except _Failed as failure:
+        out.flush()
         err.write(f"pbcore call: {failure}\n")
         return 1
-    out.write(f"{result}\n")
     return 0
+
+
+class _TracingFactory(PBClientFactory):
+    """A client factory whose broker tells *trace* the bytes it takes in and gives out."""
+
+    def __init__(self, trace: Trace, **options: Any) -> None:
+        super().__init__(**options)
+        self.trace = trace
+
+    def make_broker(self, close: Callable[[], object] | None = None, **adapter_options: Any) -> Broker:
+        broker = super().make_broker(close, **adapter_options)
+        receive_data, data_to_send, trace = broker.receive_data, broker.data_to_send, self.trace
+
+        def traced_receive_data(data: bytes | bytearray | memoryview) -> None:
+            if not broker.closed:  # what a closed broker drops is not traced
+                trace("<", bytes(data))
+            receive_data(data)
+
+        def traced_data_to_send() -> bytes:
+            data = data_to_send()
+            if data:
+                trace(">", data)
+            return data
+
+        broker.receive_data = traced_receive_data  # type: ignore[method-assign]
+        broker.data_to_send = traced_data_to_send  # type: ignore[method-assign]
+        return broker
+
+
+def _seconds(value: float) -> float:
+    """*value* as an int when it is one, so that the core's messages say "2 s", not "2.0 s"."""
+    return int(value) if float(value).is_integer() else value
 
 
 async def _call(
     host: str,
     port: int,
-    method: str,
-    args: Sequence[Any],
+    calls: Sequence[tuple[str, Sequence[Any]]],
     *,
     kwargs: Mapping[str, Any],
     credentials: Credentials,
     timeout: float,
-) -> str:
-    factory = PBClientFactory()
+    connect_timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    trace: Trace | None,
+    out: IO[str],
+) -> None:
+    timeouts = Timeouts(handshake=_seconds(connect_timeout))
+    factory = PBClientFactory(timeouts=timeouts) if trace is None else _TracingFactory(trace, timeouts=timeouts)
+    where = f"{host}:{port}"
     try:
-        connection = await asyncio.wait_for(connect(factory, host, port), timeout)
-    except (OSError, asyncio.TimeoutError) as error:
-        reason = "no answer" if isinstance(error, asyncio.TimeoutError) else error.strerror or error
-        raise _Failed(f"error: cannot connect to {host}:{port}: {reason}") from None
-    try:
-        return repr(await asyncio.wait_for(_call_on(factory, method, args, kwargs, credentials), timeout))
+        connection = await asyncio.wait_for(connect(factory, host, port, ssl_context=ssl_context), connect_timeout)
     except asyncio.TimeoutError:
-        raise _Failed(f"error: no answer within {timeout:g} s") from None
+        what = "TCP connection and TLS handshake" if ssl_context is not None else "TCP connection"
+        raise _Failed(f"error: cannot connect to {where}: no {what} within {_seconds(connect_timeout)} s") from None
+    except ssl.SSLCertVerificationError as error:
+        raise _Failed(
+            f"error: TLS handshake with {where} failed: its certificate does not verify: {error.verify_message}"
+        ) from None
+    except ssl.SSLError as error:
+        reason = error.reason or str(error)
+        if reason == "WRONG_VERSION_NUMBER":  # the first bytes back were not TLS
+            reason = "the server does not speak TLS (WRONG_VERSION_NUMBER)"
+        raise _Failed(f"error: TLS handshake with {where} failed: {reason}") from None
+    except OSError as error:
+        raise _Failed(f"error: cannot connect to {where}: {error.strerror or error}") from None
+    try:
+        try:
+            target: Any = await factory.getRootObject()  # the PB handshake, bounded by Timeouts.handshake
+            if credentials is not None:
+                target = await asyncio.wait_for(factory.login(credentials), timeout)
+        except asyncio.TimeoutError:
+            raise _Failed(f"error: no answer to the login within {_seconds(timeout)} s") from None
+        previous = ""
+        for method, args in calls:
+            if previous and not isinstance(target, RemoteReference):
+                raise _Failed(
+                    f"error: cannot call {method}: what {previous} answered is not a remote reference"
+                    f" but {type(target).__name__}"
+                )
+            call_kwargs = kwargs if not previous else {}
+            target = await target.callRemote(method, *args, pbtimeout=timeout, **call_kwargs)
+            out.write(f"{target!r}\n")
+            out.flush()
+            previous = method
+    except CallTimedOut as error:
+        raise _Failed(f"error: {error} (--timeout {_seconds(timeout)} s)") from None
     except RemoteError as error:
         raise _Failed(f"remote error: {_describe(error)}") from None
     except (PBConnectionLost, DeadReferenceError, ProtocolError) as error:
-        raise _Failed(f"error: {_describe(error)}") from None
+        raise _Failed(f"error: {_lost(error)}{_hint(factory.broker, ssl_context)}") from None
     except NotJellyable as error:  # an argument such as 1j or ..., which PB cannot carry
         raise _Failed(f"error: cannot send the arguments: {error}") from None
     finally:
         connection.close()
 
 
-async def _call_on(
-    factory: PBClientFactory, method: str, args: Sequence[Any], kwargs: Mapping[str, Any], credentials: Credentials
-) -> Any:
-    target = await factory.getRootObject() if credentials is None else await factory.login(credentials)
-    return await target.callRemote(method, *args, **kwargs)
+def _hint(broker: Broker | None, ssl_context: ssl.SSLContext | None) -> str:
+    """What a connection closed before anything arrived may mean."""
+    if broker is None or broker.ready or broker.bytes_received:
+        return ""
+    if ssl_context is None:
+        return "; if it serves TLS, give --tls or --cafile"
+    if broker.close_reason is None:  # closed right after the TLS handshake
+        return "; if the server requires a client certificate, give --cert (and --key)"
+    return ""
+
+
+def _lost(error: BaseException) -> str:
+    """Why the connection was lost: the core's timer's own words, a TLS error, or the error itself."""
+    reason = error.args[0] if isinstance(error, PBConnectionLost) and error.args else None
+    if isinstance(reason, ConnectionTimedOut):
+        return str(reason)
+    if isinstance(reason, ssl.SSLError):
+        return f"TLS: {reason.reason or reason}"
+    return _describe(error)
 
 
 # -- pbcore demo ----------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pbcore import copyTags
@@ -52,3 +54,35 @@ def test_login_to_a_twisted_portal(capsys: pytest.CaptureFixture[str]) -> None:
         status, out, err = call(capsys, port, "hello", "--user", "alice", "--password", "wrong")
         assert (status, out) == (1, "")
         assert err.startswith("pbcore call: remote error: twisted.cred.error.UnauthorizedLogin: ")
+
+
+def test_then_on_twisted_references(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with twisted_server() as port:
+        status, out, err = call(capsys, port, "thing", "b'five'", "--then", "n")
+        assert (status, err) == (0, "")
+        assert out.splitlines()[0].startswith("<RemoteReference ")
+        assert out.splitlines()[1:] == ["b'five'"]
+        status, out, err = call(capsys, port, "echo", "1", "--then", "n")
+        assert (status, out) == (1, "[[1], {}]\n")
+        assert err == "pbcore call: error: cannot call n: what echo answered is not a remote reference but list\n"
+        trace = tmp_path / "twisted.trace"
+        status, out, err = call(capsys, port, "thing", "3", "--then", "n", "--trace", str(trace))
+        assert (status, out.splitlines()[1:], err) == (0, ["3"], "")
+    status = main(["decode", "--trace", "--jelly", str(trace)])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0
+    assert lines[:6] == [
+        "<- dialects [b'pb', b'none']",
+        "-> b'pb'",
+        "-> version 6",
+        "<- version 6",
+        "-> message #1 to b'root'.thing(args=(3,), kwargs={}) answer=1",
+        "<- answer #1: <remote 1>",
+    ]
+    assert lines[6:8] == ["-> message #2 to 1.n(args=(), kwargs={}) answer=1", "<- answer #2: 3"]
+
+
+def test_then_on_a_twisted_avatar_view(capsys: pytest.CaptureFixture[str]) -> None:
+    with twisted_server(login=True) as port:
+        status, out, err = call(capsys, port, "board", "--then", "whoami", "--user", "alice", "--password", "secret")
+    assert (status, out.splitlines()[1:], err) == (0, ["'alice'"], "")

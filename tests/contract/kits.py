@@ -141,6 +141,18 @@ class Kit:
         connection = self._stack.enter_context(portal.wrap_async_context_manager(self._connect(factory, port)))
         return Client(factory, connection, portal)
 
+    def raw_socket(self, connection: Any) -> Any:
+        """The socket under a connection of this kit's adapter (to read its options)."""
+        if self.name in ("asyncio", "uvloop"):
+            return connection.transport.get_extra_info("socket")
+        if self.name == "trio":
+            return connection.stream.socket
+        if self.name.startswith("anyio"):
+            from anyio.abc import SocketAttribute  # noqa: PLC0415
+
+            return connection.stream.extra(SocketAttribute.raw_socket)
+        return connection._sock
+
     def close(self) -> None:
         self._stack.close()
 

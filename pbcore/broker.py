@@ -203,6 +203,8 @@ class Broker:
         self._new_deadlines: list[tuple[int, float]] = []  # (request id, seconds), not armed yet
         self._deadline_names: dict[int, str] = {}  # request id -> method, for calls with a deadline
         self._probes: set[int] = set()  # request ids of keepalive probes not answered yet
+        self._watches: dict[int, tuple[Pending, BaseException]] = {}  # see watch()
+        self._last_watch = 0
         self.security = security
         self.limits = limits
         self.unsafe_tracebacks = unsafe_tracebacks
@@ -353,6 +355,7 @@ class Broker:
         self._new_deadlines.clear()
         self._deadline_names.clear()
         self._probes.clear()
+        self._watches.clear()
         self._connects = None
         self._root = None
         self._events.append(ConnectionClosed(reason))
@@ -561,8 +564,22 @@ class Broker:
             self._new_deadlines = []
         return new
 
+    def watch(self, pending: Pending, seconds: float, error: BaseException) -> None:
+        """Fail *pending* (anything waited for: the handshake, say) with *error* unless settled within *seconds*.
+
+        The adapter's :class:`~pbcore.timers.ConnectionTimers` keeps the time,
+        as for a call's deadline.
+        """
+        self._last_watch -= 1  # watches have negative ids: they are no calls
+        self._watches[self._last_watch] = (pending, error)
+        self._new_deadlines.append((self._last_watch, seconds))
+
     def expire_call(self, request_id: int) -> None:
         """Fail call *request_id* with CallTimedOut if it is still waiting; its late answer will be dropped."""
+        watched = self._watches.pop(request_id, None)
+        if watched is not None:
+            watched[0].fail(watched[1])  # no effect once settled
+            return
         name = self._deadline_names.pop(request_id, "a method")
         pending = self._waiting.pop(request_id, None)
         if pending is not None:
@@ -633,8 +650,8 @@ class Broker:
                 self._deadline_names.pop(request_id, None)
 
     def has_deadline(self, request_id: int) -> bool:
-        """Whether call *request_id* still waits for an answer under a deadline."""
-        return request_id in self._deadline_names
+        """Whether call (or watch) *request_id* still waits under a deadline."""
+        return request_id in self._deadline_names or request_id in self._watches
 
     def _send_values(self, head: list[Sexp], values: list[Any], perspective: Any) -> None:
         if self.dialect is None:

@@ -16,7 +16,7 @@ from typing import Any
 from .banana import DEFAULT_LIMITS, Limits
 from .broker import Broker, Pending
 from .cred import Anonymous, respond
-from .errors import Error, connection_lost_error
+from .errors import ConnectionTimedOut, Error, connection_lost_error
 from .flavors import RemoteReference
 from .jelly import SecurityOptions, globalSecurity
 from .timers import DEFAULT_TIMEOUTS, Timeouts
@@ -86,28 +86,38 @@ class PBClientFactory:
         self._close = close
         return self.broker
 
-    async def getRootObject(self) -> RemoteReference:
-        """The server's root object, once the handshake is done."""
+    async def getRootObject(self, timeout: float | None = None) -> RemoteReference:
+        """The server's root object, once the handshake is done.
+
+        With a *timeout* (seconds) it fails with
+        :class:`~pbcore.errors.ConnectionTimedOut` if the handshake is not
+        done by then (the connection's timers keep the time; the handshake
+        timeout of :class:`~pbcore.timers.Timeouts` bounds it in any case).
+        """
         broker = self._connected()
         if not broker.ready:
             ready: Pending = broker.pending_factory()
             broker.notifyOnConnect(lambda: ready.resolve(None))
             broker.notifyOnDisconnect(lambda: ready.fail(connection_lost_error(broker.close_reason)))
+            if timeout is not None:
+                broker.watch(ready, timeout, ConnectionTimedOut(f"no PB handshake within {timeout} s"))
             await ready  # type: ignore[misc]
         return broker.root()
 
-    async def login(self, credentials: Any, client: Any = None) -> RemoteReference:
+    async def login(self, credentials: Any, client: Any = None, timeout: float | None = None) -> RemoteReference:
         """Log in (username/password by challenge-response, or Anonymous); the avatar's reference.
 
         *client* is the "mind" the server's realm receives, as a reference
-        (a Referenceable of yours), or None.
+        (a Referenceable of yours), or None. *timeout* bounds the handshake
+        and each of the login's calls (``pbtimeout``).
         """
-        root = await self.getRootObject()
+        root = await self.getRootObject(timeout)
         if isinstance(credentials, Anonymous):
-            avatar: RemoteReference = await root.callRemote("loginAnonymous", client)
+            avatar: RemoteReference = await root.callRemote("loginAnonymous", client, pbtimeout=timeout)
             return avatar
-        challenge, challenger = await root.callRemote("login", credentials.username)
-        avatar = await challenger.callRemote("respond", respond(challenge, credentials.password), client)
+        challenge, challenger = await root.callRemote("login", credentials.username, pbtimeout=timeout)
+        answer = respond(challenge, credentials.password)
+        avatar = await challenger.callRemote("respond", answer, client, pbtimeout=timeout)
         return avatar
 
     def disconnect(self) -> None:

@@ -159,7 +159,7 @@ class ConnectionTimers:
         while calls and calls[0][0] <= now:
             _, request_id = heapq.heappop(calls)
             broker.expire_call(request_id)
-        if len(calls) > 64 and len(calls) > 2 * len(broker._deadline_names):
+        if len(calls) > 64 and len(calls) > 2 * (len(broker._deadline_names) + len(broker._watches)):
             # Most of these calls were answered long before their deadline: forget them.
             self._calls = [entry for entry in calls if broker.has_deadline(entry[1])]
             heapq.heapify(self._calls)

@@ -428,7 +428,7 @@ def test_the_driver_serves_a_portal_login() -> None:
             client_factory.make_broker(**options) if is_client else PBServerFactory(portal).make_broker(**options)
         )
     )
-    avatar = pair.run(client_factory.login(UsernamePassword("alice", "secret")))
+    avatar = pair.run(client_factory.login(UsernamePassword("alice", "secret"), timeout=5.0))
     assert isinstance(avatar, RemoteReference)
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbcore.broker import PendingCall
+from pbcore.broker import Broker, PendingCall
 from pbcore.errors import CallTimedOut, ConnectionTimedOut, PBConnectionLost
 from pbcore.flavors import Root
 from pbcore.testing import BrokerPair
@@ -211,3 +211,27 @@ def test_a_call_that_cannot_be_sent_leaves_no_deadline() -> None:
     with pytest.raises(TypeError):
         pair.client.root().callRemote("echo", object(), pbtimeout=2.0)
     assert pair.client.calls_in_flight == 0 and pair.client.take_new_deadlines() == []
+
+
+def test_get_root_object_and_login_take_a_timeout() -> None:
+    from pbcore.factory import PBClientFactory  # noqa: PLC0415
+
+    factory = PBClientFactory()
+    pair = BrokerPair(
+        handshake=False,
+        broker_factory=lambda is_client, root=None, **o: (
+            factory.make_broker(**o) if is_client else Broker(is_client=False, root=Slow(), **o)
+        ),
+    )
+    timers = ConnectionTimers(pair.client)
+    task = pair.driver.spawn(factory.getRootObject(timeout=2.0))
+    timers.poll(0.0)
+    timers.poll(1.9)
+    assert not task.done
+    timers.poll(2.0)
+    pair.driver.run_ready()
+    assert isinstance(task.error, ConnectionTimedOut) and "within 2.0 s" in str(task.error)
+    pair.pump()  # the handshake completes after all: the connection is fine, the watch is gone
+    assert pair.client.ready and not pair.client.closed
+    later = pair.driver.spawn(factory.getRootObject(timeout=2.0))
+    assert later.done and later.error is None

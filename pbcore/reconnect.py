@@ -24,6 +24,9 @@ a crowd of clients does not come back at the same moment; a connection that
 was up resets them. A refused login (wrong password, unknown user) stops
 the client at once, unless told to retry: trying again will not change the
 password.
+
+Waiting for the connection (each adapter's ``connected()``) once the client
+has stopped raises the refused login's error, or :class:`ClientStopped`.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from collections.abc import Callable
 import attrs
 
 from .cred import LoginFailed
+from .errors import PBConnectionLost
 from .flavors import CopiedFailure
 
-__all__ = ["Backoff", "ClientState", "Reconnector", "is_login_refusal"]
+__all__ = ["Backoff", "ClientState", "ClientStopped", "Reconnector", "is_login_refusal"]
 
 
 def _non_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -61,6 +65,10 @@ class Backoff:
         except OverflowError:  # a server down for days: the ceiling it is
             base = self.maximum
         return max(0.0, base * (1.0 + self.jitter * (2.0 * draw - 1.0)))
+
+
+class ClientStopped(PBConnectionLost):
+    """The reconnecting client was stopped: there is no connection to wait for any more."""
 
 
 class ClientState(enum.Enum):

@@ -112,6 +112,8 @@ class Reconnector:
         self.failures = 0
         #: How many times the client got connected (logged in) so far.
         self.connections = 0
+        #: The refused login that stopped the client, if that is what did.
+        self.refusal: BaseException | None = None
         self._next: float | None = 0.0  # the first attempt is at once
 
     def next_attempt(self) -> float | None:
@@ -138,6 +140,7 @@ class Reconnector:
             return
         if is_login_refusal(error) and not self.retry_refused_login:
             self.state = ClientState.STOPPED
+            self.refusal = error
             return
         self._wait(now)
         self.failures += 1
@@ -152,6 +155,12 @@ class Reconnector:
     def stop(self) -> None:
         """Try no more; the adapter closes any connection it has."""
         self.state = ClientState.STOPPED
+
+    def stopped_error(self) -> BaseException:
+        """What waiting for a connection raises once stopped: the refused login, or :class:`ClientStopped`."""
+        if self.refusal is not None:
+            return self.refusal
+        return ClientStopped("the reconnecting client is stopped")
 
     @property
     def stopped(self) -> bool:

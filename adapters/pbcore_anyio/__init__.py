@@ -66,9 +66,10 @@ from pbcore.timers import ConnectionTimers
 
 __all__ = [
     "CHUNK",
-    "HIGH_WATER",
     "Connection",
+    "HIGH_WATER",
     "PendingResult",
+    "ReconnectingClient",
     "Server",
     "open_connection",
     "open_server",
@@ -615,3 +616,7 @@ async def open_unix_connection(
         stream = await _start_tls(stream, ssl_context, server_hostname or "localhost")
     async with _client(factory, stream) as connection:
         yield connection
+
+
+# At the end: the reconnecting client is built on what this module defines.
+from .reconnect import ReconnectingClient  # noqa: E402

@@ -50,17 +50,13 @@ from pbcore.errors import ConnectionTimedOut, PBConnectionLost, connection_lost_
 from pbcore.factory import PBClientFactory
 from pbcore.flavors import RemoteReference
 from pbcore.isolation import describe
-from pbcore.reconnect import Backoff, ClientState, Reconnector
+from pbcore.reconnect import Backoff, ClientState, ClientStopped, Reconnector
 
 from . import Connection, open_connection
 
 __all__ = ["ClientStopped", "ReconnectingClient"]
 
 log = logging.getLogger("pbcore.anyio")
-
-
-class ClientStopped(PBConnectionLost):
-    """The reconnecting client is stopped (by ``stop()``, or its ``run()`` ended): no reference will come."""
 
 
 class ReconnectingClient:
@@ -148,9 +144,7 @@ class ReconnectingClient:
             if reference is not None and self.policy.state is ClientState.CONNECTED:
                 return reference
             if self.policy.stopped:
-                if self._refusal is not None:
-                    raise self._refusal
-                raise ClientStopped(f"the client of {self.host}:{self.port} is stopped")
+                raise self.policy.stopped_error()
             if self._changed is None:
                 self._changed = anyio.Event()
             await self._changed.wait()

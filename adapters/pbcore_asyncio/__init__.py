@@ -56,11 +56,12 @@ from pbcore.timers import ConnectionTimers
 
 __all__ = [
     "CLOSE_TIMEOUT",
-    "READ_SIZE",
-    "WRITE_SIZE",
     "Connection",
     "PendingFuture",
+    "READ_SIZE",
+    "ReconnectingClient",
     "Server",
+    "WRITE_SIZE",
     "connect",
     "connect_unix",
     "serve",
@@ -575,3 +576,7 @@ async def connect_unix(
         lambda: _client(factory), os.fspath(path), ssl=ssl_context, **options
     )
     return connection
+
+
+# At the end: the reconnecting client is built on what this module defines.
+from .reconnect import ReconnectingClient  # noqa: E402

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
-from pbcore.errors import ConnectionTimedOut, PBConnectionLost, connection_lost_error
+from pbcore.errors import ConnectionTimedOut, connection_lost_error
 from pbcore.factory import PBClientFactory
 from pbcore.flavors import RemoteReference
 from pbcore.isolation import describe
@@ -115,12 +115,12 @@ class ReconnectingClient:
     # -- the application's side -----------------------------------------------------------------
 
     async def connected(self) -> RemoteReference:
-        """The current avatar (or root), once connected; raises the last error once the client is stopped."""
+        """The current avatar (or root), once connected; once stopped, the refused login or ClientStopped."""
         while True:
             if self.reference is not None:
                 return self.reference
             if self.policy.stopped:
-                raise self.policy.last_error or PBConnectionLost("the reconnecting client is stopped")
+                raise self.policy.stopped_error()
             if self._changed is None:
                 self._changed = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._changed)

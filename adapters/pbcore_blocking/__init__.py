@@ -98,7 +98,13 @@ from pbcore.flavors import RemoteReference
 from pbcore.serving import Dispatcher
 from pbcore.timers import ConnectionTimers
 
-__all__ = ["BlockingConnection", "BlockingServer", "connect", "serve"]
+__all__ = [
+    "BlockingConnection",
+    "BlockingServer",
+    "ReconnectingClient",
+    "connect",
+    "serve",
+]
 
 T = TypeVar("T")
 
@@ -741,3 +747,7 @@ def serve(
     except BaseException:
         listener.close()
         raise
+
+
+# At the end: the reconnecting client is built on what this module defines.
+from .reconnect import ReconnectingClient  # noqa: E402

@@ -54,7 +54,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from pbcore.errors import PBConnectionLost, connection_lost_error
+from pbcore.errors import connection_lost_error
 from pbcore.factory import PBClientFactory
 from pbcore.flavors import RemoteReference
 from pbcore.reconnect import Backoff, ClientState, Reconnector, is_login_refusal
@@ -338,8 +338,7 @@ class ReconnectingClient:
         with self._changed:
             while self._current is None or self.policy.stopped:
                 if self.policy.stopped:
-                    error = self.policy.last_error
-                    raise error if error is not None else PBConnectionLost("the reconnecting client is stopped")
+                    raise self.policy.stopped_error()
                 if deadline is None:
                     self._changed.wait()
                     continue

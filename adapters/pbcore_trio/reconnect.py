@@ -46,21 +46,17 @@ import trio
 
 from pbcore.broker import Broker
 from pbcore.cred import Anonymous, UsernamePassword
-from pbcore.errors import ConnectionTimedOut, PBConnectionLost, connection_lost_error
+from pbcore.errors import ConnectionTimedOut, connection_lost_error
 from pbcore.factory import PBClientFactory
 from pbcore.flavors import RemoteReference
 from pbcore.isolation import describe
-from pbcore.reconnect import Backoff, ClientState, Reconnector
+from pbcore.reconnect import Backoff, ClientState, ClientStopped, Reconnector
 
 from . import Connection, open_connection
 
 __all__ = ["ClientStopped", "ReconnectingClient"]
 
 log = logging.getLogger("pbcore.trio")
-
-
-class ClientStopped(PBConnectionLost):
-    """The reconnecting client was stopped (by ``stop()``, or its ``run()`` ended): no reference will come."""
 
 
 class ReconnectingClient:
@@ -134,9 +130,7 @@ class ReconnectingClient:
             if self.policy.state is ClientState.CONNECTED and reference is not None and not reference.broker.closed:
                 return reference
             if self.policy.stopped:
-                if self._refused and self.policy.last_error is not None:
-                    raise self.policy.last_error
-                raise ClientStopped(f"the client of {self.host}:{self.port} is stopped")
+                raise self.policy.stopped_error()
             await self._changed.wait()
 
     async def run(self) -> None:

@@ -22,7 +22,7 @@ from pbcore.cred import UsernamePassword
 from pbcore.errors import ConnectionTimedOut, DeadReferenceError, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import RemoteReference
-from pbcore.reconnect import Backoff, ClientState, is_login_refusal
+from pbcore.reconnect import Backoff, ClientState, ClientStopped, is_login_refusal
 from pbcore.timers import Timeouts
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import PeerRootMaker, Realm, login_factory
@@ -299,7 +299,7 @@ def test_stop_while_waiting_ends_at_once() -> None:
         await asyncio.sleep(0.01)
         client.stop()
         await asyncio.wait_for(task, WAIT)
-        with pytest.raises(OSError):
+        with pytest.raises(ClientStopped):  # not the refused connect of the last attempt
             await asyncio.wait_for(waiter, WAIT)
 
     run(body)

@@ -24,7 +24,7 @@ from pbcore.cred import Anonymous, UsernamePassword
 from pbcore.errors import DeadReferenceError, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from pbcore.flavors import CopiedFailure, RemoteReference
-from pbcore.reconnect import Backoff, ClientState, is_login_refusal
+from pbcore.reconnect import Backoff, ClientState, ClientStopped, is_login_refusal
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import PeerRootMaker, login_factory
 from tests.interop.peers import PEER
@@ -275,7 +275,7 @@ def test_stop_while_waiting_ends_at_once() -> None:
     waiting.join(WAIT)
     assert time.monotonic() - started < WAIT / 2  # not the 60 s of the backoff
     assert client.state is ClientState.STOPPED
-    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionRefusedError)
+    assert len(outcome) == 1 and isinstance(outcome[0], ClientStopped)  # not the last attempt's refused connect
 
 
 def test_on_connect_may_be_async_and_its_errors_are_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
+import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
+
+import pytest
 
 from pbcore.broker import Broker
 from pbcore.errors import CallTimedOut, ConnectionTimedOut, PBConnectionLost
@@ -130,3 +135,37 @@ def test_tcp_keepalive_is_set_on_both_ends_when_asked(kit: Kit) -> None:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 2
     assert kit.raw_socket(plain.connection).getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+def test_a_twisted_server_stopped_with_sigstop_is_taken_for_gone(kit: Kit) -> None:
+    """A real peer process that stops answering without closing (SIGSTOP): noticed within idle + probe."""
+    peers = pytest.importorskip("tests.interop.peers")
+    with peers.twisted_server_process() as (port, process):
+        factory = PBClientFactory(timeouts=Timeouts(handshake=10.0, idle=0.3, probe=0.5))
+        client = kit.connect(factory, port)
+        ref = client.root()
+        assert client.run(outcome, ref, "echo", 1) == [[1], {}]
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            failed = client.run(outcome, ref, "echo", 2)
+            assert isinstance(failed, PBConnectionLost), failed
+            assert isinstance(failed.args[0], ConnectionTimedOut) and "taken for gone" in str(failed.args[0])
+            assert time.monotonic() - started < 10.0
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+
+
+def test_a_port_speaking_http_fails_the_handshake(kit: Kit) -> None:
+    """An HTTP server waits for a request, so a PB client hears nothing: the handshake timeout says so."""
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        factory = PBClientFactory(timeouts=QUICK)
+        client = kit.connect(factory, httpd.server_address[1])
+        failed = client.run(settled, factory.getRootObject())
+        assert isinstance(failed, PBConnectionLost) and "nothing arrived" in str(failed.args[0]), failed
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -78,6 +78,15 @@ def twisted_server(login: bool = False, timeout: float = 60.0, log_file: Path | 
     With ``log_file``, Twisted's log (what the server says of the errors its peers
     receive, say) is written to that file.
     """
+    with twisted_server_process(login, timeout, log_file) as (port, _):
+        yield port
+
+
+@contextmanager
+def twisted_server_process(
+    login: bool = False, timeout: float = 60.0, log_file: Path | None = None
+) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """:func:`twisted_server`, yielding its process too (to stop it with a signal, say)."""
     command = [sys.executable, str(PEER), "server", "--port", "0", "--timeout", str(timeout)]
     if login:
         command.append("--login")
@@ -92,7 +101,7 @@ def twisted_server(login: bool = False, timeout: float = 60.0, log_file: Path | 
         env=_environment(),
     )
     try:
-        yield _read_port(process, START_TIMEOUT)
+        yield _read_port(process, START_TIMEOUT), process
     finally:
         _stop(process)
 

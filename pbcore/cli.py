@@ -93,7 +93,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
 from . import __version__
 from .banana import DIALECTS, VOCABULARY, Decoder, Sexp
@@ -101,9 +101,6 @@ from .cred import Anonymous, UsernamePassword
 from .demo import DEFAULT_PORT
 from .errors import BananaError, JellyError, ProtocolError
 from .jelly import Unjellier
-
-if TYPE_CHECKING:
-    import ssl
 
 __all__ = ["Placeholder", "TraceWriter", "format_jelly", "format_sexp", "main", "parse_address", "parse_value"]
 
@@ -588,57 +585,12 @@ def _password(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str 
         parser.error(f"no password given for {args.user}")
 
 
-def _tls_error(option: str, path: str, error: Exception) -> str:
-    why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return f"{option} {path}: {re.sub(r' [(]_ssl[.]c:[0-9]+[)]$', '', why)}"  # no "(_ssl.c:4154)"
-
-
-def _client_tls(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ssl.SSLContext | None:
-    """``pbcore call``'s TLS context: the system's trust, or only --cafile's; a client certificate."""
-    if args.key is not None and args.cert is None:
-        parser.error("--key goes with --cert")
-    if not (args.tls or args.cafile is not None or args.cert is not None):
-        return None
-    import ssl  # noqa: PLC0415  (only for TLS)
-
-    try:
-        context = ssl.create_default_context(cafile=args.cafile)
-    except (OSError, ValueError) as error:
-        parser.error(_tls_error("--cafile", args.cafile, error))
-    if args.cert is not None:
-        try:
-            context.load_cert_chain(args.cert, args.key)
-        except (OSError, ValueError) as error:
-            parser.error(_tls_error("--cert", args.cert, error))
-    return context
-
-
-def _server_tls(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ssl.SSLContext | None:
-    """``pbcore serve``'s TLS context: its certificate; with --cafile, client certificates required."""
-    if args.cert is None:
-        if args.tls or args.key is not None or args.cafile is not None:
-            parser.error("TLS needs the server's certificate: --cert FILE (and --key FILE unless it holds the key)")
-        return None
-    import ssl  # noqa: PLC0415  (only for TLS)
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(args.cert, args.key)
-    except (OSError, ValueError) as error:
-        parser.error(_tls_error("--cert", args.cert, error))
-    if args.cafile is not None:
-        try:
-            context.load_verify_locations(cafile=args.cafile)
-        except (OSError, ValueError) as error:
-            parser.error(_tls_error("--cafile", args.cafile, error))
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    ssl_context = _server_tls(args, parser)
+    # The network commands (and ssl) live with the asyncio adapter, loaded only for them.
+    from pbcore_asyncio.cli import run_serve, server_tls  # noqa: PLC0415
+
+    ssl_context = server_tls(args, parser)
     password = _password(args, parser)
-    from pbcore_asyncio.cli import run_serve  # noqa: PLC0415  (loads asyncio only for this command)
 
     users = {args.user: password} if args.user is not None and password is not None else {}
     return run_serve(
@@ -653,7 +605,9 @@ def _run_call(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         host, port = parse_address(args.address)
     except ValueError as error:
         parser.error(str(error))
-    ssl_context = _client_tls(args, parser)
+    from pbcore_asyncio.cli import client_tls, run_call  # noqa: PLC0415  (asyncio and ssl for this command only)
+
+    ssl_context = client_tls(args, parser)
     password = _password(args, parser)
     trace_file: IO[str] | None = None
     if args.trace is not None:
@@ -661,8 +615,6 @@ def _run_call(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             trace_file = open(args.trace, "w", encoding="utf-8")  # noqa: SIM115  (closed below)
         except OSError as error:
             parser.error(f"--trace {args.trace}: {error.strerror or error}")
-    from pbcore_asyncio.cli import run_call  # noqa: PLC0415  (loads asyncio only for this command)
-
     credentials = (
         Anonymous()
         if args.anonymous

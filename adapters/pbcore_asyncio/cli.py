@@ -9,9 +9,11 @@ reason goes to *err*).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
+import re
 import signal
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -35,7 +37,7 @@ from pbcore.timers import Timeouts
 
 from . import connect, serve
 
-__all__ = ["run_call", "run_demo", "run_serve"]
+__all__ = ["client_tls", "run_call", "run_demo", "run_serve", "server_tls"]
 
 Credentials = UsernamePassword | Anonymous | None
 
@@ -380,3 +382,49 @@ async def _demo(out: IO[str]) -> None:
         "\nNext: `pbcore serve` serves this on port 8787;"
         " `pbcore call localhost:8787 echo hi` calls it (or any PB server).\n"
     )
+
+
+# -- TLS options of pbcore call and pbcore serve (here: the core imports no ssl) -------------
+
+
+def _tls_error(option: str, path: str, error: Exception) -> str:
+    why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return f"{option} {path}: {re.sub(r' [(]_ssl[.]c:[0-9]+[)]$', '', why)}"  # no "(_ssl.c:4154)"
+
+
+def client_tls(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ssl.SSLContext | None:
+    """``pbcore call``'s TLS context: the system's trust, or only --cafile's; a client certificate."""
+    if args.key is not None and args.cert is None:
+        parser.error("--key goes with --cert")
+    if not (args.tls or args.cafile is not None or args.cert is not None):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=args.cafile)
+    except (OSError, ValueError) as error:
+        parser.error(_tls_error("--cafile", args.cafile, error))
+    if args.cert is not None:
+        try:
+            context.load_cert_chain(args.cert, args.key)
+        except (OSError, ValueError) as error:
+            parser.error(_tls_error("--cert", args.cert, error))
+    return context
+
+
+def server_tls(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ssl.SSLContext | None:
+    """``pbcore serve``'s TLS context: its certificate; with --cafile, client certificates required."""
+    if args.cert is None:
+        if args.tls or args.key is not None or args.cafile is not None:
+            parser.error("TLS needs the server's certificate: --cert FILE (and --key FILE unless it holds the key)")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.cert, args.key)
+    except (OSError, ValueError) as error:
+        parser.error(_tls_error("--cert", args.cert, error))
+    if args.cafile is not None:
+        try:
+            context.load_verify_locations(cafile=args.cafile)
+        except (OSError, ValueError) as error:
+            parser.error(_tls_error("--cafile", args.cafile, error))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

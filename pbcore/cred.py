@@ -284,6 +284,8 @@ class _PortalWrapper(Referenceable, _JellyableAvatarMixin):
         self.broker = broker
 
     def remote_login(self, username: bytes | str) -> tuple[bytes, _PortalAuthChallenger]:
+        if not isinstance(username, (bytes, str)):
+            raise Unauthorized()  # a list, say: refused like any wrong name, not a TypeError from a checker
         name = username.encode("utf-8") if isinstance(username, str) else username
         c = challenge()
         return c, _PortalAuthChallenger(self.portal, self.broker, name, c)
@@ -300,10 +302,13 @@ class _PortalAuthChallenger(Referenceable, _JellyableAvatarMixin):
         self.broker = broker
         self.username = username
         self.challenge = challenge
+        #: Whether the challenge has been answered (it takes one answer, right or wrong).
+        self.answered = False
 
     async def remote_respond(self, response: bytes, mind: RemoteReference | None) -> Any:
-        if not isinstance(response, bytes):
+        if self.answered or not isinstance(response, bytes):
             raise Unauthorized()
+        self.answered = True  # a challenge is good for one answer, right or wrong
         credentials = _ChallengeResponse(self.username, self.challenge, response)
         return self._cbLogin(await self.portal.login(credentials, mind, IPerspective))
 

@@ -394,7 +394,8 @@ class Jellier:
             finally:
                 self._depth -= 1
         raise NotJellyable(
-            f"cannot jelly {qual(kind)} object {obj!r:.60}: send built-in types, "
+            # The type only, not the object's repr: this text may reach the peer in an error answer.
+            f"cannot jelly a {qual(kind)} object: send built-in types, "
             "or make the class Copyable/Jellyable, or allow it with SecurityOptions.allowInstancesOf"
         )
 

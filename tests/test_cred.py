@@ -158,6 +158,33 @@ def test_a_response_that_is_not_bytes_is_unauthorized() -> None:
     assert caught.value.check(Unauthorized)
 
 
+def test_a_username_of_the_wrong_type_is_unauthorized() -> None:
+    pair, factory = connect(portal_for(Realm()))
+    root = pair.run(factory.getRootObject())
+    for name in ([b"alice"], {"a": 1}, 7):
+        with pytest.raises(CopiedFailure) as caught:
+            pair.run(root.callRemote("login", name))
+        assert caught.value.check(Unauthorized), caught.value
+
+
+def test_a_challenge_is_good_for_one_answer() -> None:
+    pair, factory = connect(portal_for(Realm()))
+    root = pair.run(factory.getRootObject())
+    challenge_bytes, challenger = pair.run(root.callRemote("login", "alice"))
+    answer = respond(challenge_bytes, "secret")
+    assert pair.run(challenger.callRemote("respond", answer, None)) is not None
+    with pytest.raises(CopiedFailure) as caught:  # the same right answer again: no second avatar
+        pair.run(challenger.callRemote("respond", answer, None))
+    assert caught.value.check(Unauthorized)
+    # A wrong answer uses the challenge up too.
+    challenge_bytes, challenger = pair.run(root.callRemote("login", "alice"))
+    with pytest.raises(CopiedFailure):
+        pair.run(challenger.callRemote("respond", b"wrong", None))
+    with pytest.raises(CopiedFailure) as caught:
+        pair.run(challenger.callRemote("respond", respond(challenge_bytes, "secret"), None))
+    assert caught.value.check(Unauthorized)
+
+
 def test_respond_is_double_md5_and_challenges_differ() -> None:
     c = challenge()
     assert respond(c, "pw") == hashlib.md5(hashlib.md5(b"pw").digest() + c).digest()

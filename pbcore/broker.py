@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from .banana import DEFAULT_LIMITS, DIALECTS, Decoder, Encoder, Limits, Sexp
 from .codec import ValueEncoder
 from .errors import (
+    BananaError,
     CallTimedOut,
     DeadReferenceError,
     Error,
@@ -661,6 +662,13 @@ class Broker:
         self._journal = []
         try:
             data = encoder.encode_list(head, values, invoker=self)
+            if len(data) > self.limits.max_expression_bytes:
+                # A peer with the same (default) limits would refuse it and drop the
+                # connection: refuse it here instead, as an error the caller sees.
+                raise BananaError(
+                    f"the message is {len(data)} bytes, over the limit of {self.limits.max_expression_bytes}"
+                    " (Limits.max_expression_bytes) that a peer with the same limits accepts"
+                )
         except BaseException:
             # Nothing was sent: take back the references counted meanwhile
             # (unless encoding closed the broker, which has forgotten them all).

@@ -227,7 +227,7 @@ def test_call_an_open_demo_server(capsys: pytest.CaptureFixture[str]) -> None:
         assert "unexpected keyword argument 'a'" in err
         status, out, err = run(capsys, "call", address, "echo", "1j")
         assert (status, out) == (1, "")
-        assert err.startswith("pbcore call: error: cannot send the arguments: cannot jelly builtins.complex")
+        assert err.startswith("pbcore call: error: cannot send the arguments: cannot jelly a builtins.complex")
         status, _, err = run(capsys, "call", address, "nosuch")
         assert status == 1
         assert "NoSuchMethod: No such method: remote_nosuch" in err

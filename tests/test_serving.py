@@ -19,7 +19,7 @@ import pytest
 from pbcore.banana import Limits
 from pbcore.broker import Broker, PendingCall
 from pbcore.driver import CoroutineDriver
-from pbcore.errors import Error, PBConnectionLost
+from pbcore.errors import BananaError, Error, PBConnectionLost
 from pbcore.events import ConnectionClosed
 from pbcore.flavors import (
     Cacheable,
@@ -547,3 +547,36 @@ def test_a_missing_method_is_one_info_line_without_a_traceback(records: pytest.L
     [line] = [r for r in records.records if r.name == "pbcore.serving"]
     assert line.levelno == logging.INFO and "Traceback" not in line.getMessage()
     assert "no_such_thing raised NoSuchMethod" in line.getMessage()
+
+
+def test_an_answer_over_the_peer_s_limit_is_an_error_answer_not_a_dropped_connection() -> None:
+    class Big(Root):
+        def remote_big(self, size: int) -> bytes:
+            return b"x" * size
+
+        def remote_echo(self, value: Any) -> Any:
+            return value
+
+    limits = Limits(max_expression_bytes=10_000)
+    pair = BrokerPair(server_root=Big(), limits=limits)
+    root = pair.client.root()
+    error = outcome(pair, root.callRemote("big", 20_000))
+    assert isinstance(error, CopiedFailure) and "over the limit of 10000" in error.value
+    assert outcome(pair, root.callRemote("big", 100)) == b"x" * 100  # the connection lives on
+    # A call over the limit is refused before it leaves, and nothing is left waiting.
+    with pytest.raises(BananaError, match="over the limit"):
+        root.callRemote("echo", b"y" * 20_000)
+    assert pair.client.calls_in_flight == 0 and not pair.client.closed
+    # An echo written by the peer with empty (non-canonical) prefixes is re-encoded canonically,
+    # twice its size here: past the limit it is an error answer too, not a dropped connection.
+    writer = BrokerPair(server_root=Big(), limits=Limits(max_expression_bytes=100_000))
+    writer.server.limits = limits  # the server accepts less than the client may send
+    pending = writer.client.root().callRemote("echo", [0] * 6_000)
+    canonical = writer.client.data_to_send()
+    squeezed = canonical.replace(b"\x00\x81", b"\x81")  # each 0 without its (empty) prefix
+    assert len(squeezed) < 10_000 < len(canonical)
+    writer.server.receive_data(squeezed)
+    writer._dispatchers[writer.server].dispatch(writer.server.events())
+    writer.client.receive_data(writer.server.data_to_send())
+    assert isinstance(pending.error, CopiedFailure) and "over the limit of 10000" in pending.error.value
+    assert not writer.server.closed and not writer.client.closed

@@ -83,7 +83,7 @@ class ReconnectingClient:
         credentials: UsernamePassword | Anonymous | None = None,
         mind: object = None,
         on_connect: Callable[[RemoteReference], object] | None = None,
-        backoff: Backoff = Backoff(),  # noqa: B008 (frozen: one shared default is safe)
+        backoff: Backoff = Backoff(),
         retry_refused_login: bool = False,
         factory: Callable[[], PBClientFactory] | None = None,
         ssl_context: ssl.SSLContext | None = None,

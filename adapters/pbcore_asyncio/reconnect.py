@@ -75,7 +75,7 @@ class ReconnectingClient:
         credentials: Any = None,
         mind: Any = None,
         on_connect: Callable[[RemoteReference], object] | None = None,
-        backoff: Backoff = Backoff(),  # noqa: B008 (frozen)
+        backoff: Backoff = Backoff(),
         retry_refused_login: bool = False,
         factory: Callable[[], PBClientFactory] | None = None,
         ssl_context: ssl.SSLContext | None = None,

@@ -139,6 +139,13 @@ class Limits:
     #: Async calls one connection may have running at once; one more is refused with an
     #: error answer (:class:`pbcore.serving.TooManyCalls`), never queued (see pbcore.serving).
     max_running_calls: int = attrs.field(default=10_000, validator=_positive)
+    #: The tuple and frozenset keys of one message (dictionary keys, set members), counted
+    #: expanded, may hold at most this many items, and at most a small multiple of the items
+    #: the message has (see pbcore.keys): shared references make hashing exponential otherwise.
+    max_key_items: int = attrs.field(default=1_000_000, validator=_positive)
+    #: Keys of one dictionary or set that may share a hash (int, float and tuple hashes are
+    #: not salted, so a peer could make every insertion walk all the others).
+    max_hash_collisions: int = attrs.field(default=64, validator=_positive)
 
 
 DEFAULT_LIMITS: Final = Limits()

@@ -65,6 +65,7 @@ from .flavors import (
 )
 from .isolation import run_isolated
 from .jelly import SecurityOptions, Unjellier, globalSecurity
+from .preview import preview
 from .timers import DEFAULT_TIMEOUTS, Timeouts
 
 __all__ = ["PROTOCOL_VERSION", "Broker", "Pending", "PendingCall"]
@@ -804,7 +805,7 @@ class Broker:
         except JellyError as error:
             failure = error
         if not isinstance(failure, BaseException):
-            failure = RemoteError("unknown", repr(failure)[:200], "")
+            failure = RemoteError("unknown", preview(failure), "")
         self._call_failed(expression[1], pending, failure)
 
     def _call_failed(self, request_id: int, pending: Pending | None, failure: BaseException) -> None:
@@ -844,7 +845,7 @@ class Broker:
     def _did_not_understand(self, expression: list[Any]) -> None:
         _arity(expression, 2)
         command = expression[1]
-        self._events.append(NotUnderstood(command if type(command) is bytes else repr(command).encode()))
+        self._events.append(NotUnderstood(command if type(command) is bytes else preview(command).encode()))
 
     def _decache(self, expression: list[Any]) -> None:
         _arity(expression, 2)

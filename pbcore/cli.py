@@ -101,6 +101,7 @@ from .cred import Anonymous, UsernamePassword
 from .demo import DEFAULT_PORT
 from .errors import BananaError, JellyError, ProtocolError
 from .jelly import Unjellier
+from .preview import preview
 
 __all__ = ["Placeholder", "TraceWriter", "format_jelly", "format_sexp", "main", "parse_address", "parse_value"]
 
@@ -226,12 +227,15 @@ class Placeholder:
         self.luid = luid
         self.state = state
 
-    def __repr__(self) -> str:
+    def __preview__(self, limit: int) -> str:
         if self.kind == "copy":
-            return f"<copy {self.tag!r} {self.state!r}>"
+            return f"<copy {self.tag!r} {preview(self.state, limit)}>"
         if self.kind == "cache":
-            return f"<cache {self.tag!r} #{self.luid} {self.state!r}>"
+            return f"<cache {self.tag!r} #{self.luid} {preview(self.state, limit)}>"
         return f"<{self.kind} {self.luid}>"
+
+    def __repr__(self) -> str:
+        return self.__preview__(SHOW_LIMIT)
 
 
 def _reference_handler(kind: str) -> Callable[[Unjellier, list[Any]], Any]:
@@ -276,6 +280,15 @@ def _copy_tags(sexp: Sexp) -> set[bytes]:
     return tags
 
 
+#: How much of one value the CLI prints: a value from the peer may expand to 10**20 items.
+SHOW_LIMIT: Final = 1_000_000
+
+
+def show(value: Any) -> str:
+    """A value as the CLI prints it: a repr, cut at :data:`SHOW_LIMIT` characters (see pbcore.preview)."""
+    return preview(value, SHOW_LIMIT)
+
+
 def _unjelly(sexp: Sexp) -> Any:
     """Unjelly with placeholders; raises ProtocolError for what is not jelly."""
     handlers = dict(_REFERENCE_HANDLERS)
@@ -313,13 +326,13 @@ def _format_message(sexp: list[Sexp]) -> str | None:
             raise JellyError(f"{kind!r} needs an int request id and an int answer flag")
         return (
             f"{kind} #{request} to {target!r}.{_name(name)}"
-            f"(args={_unjelly(args)!r}, kwargs={_unjelly(kwargs)!r}) answer={answer}"
+            f"(args={show(_unjelly(args))}, kwargs={show(_unjelly(kwargs))}) answer={answer}"
         )
     if kind in ("answer", "error"):
         request = sexp[1]
         if type(request) is not int:
             raise JellyError(f"{kind!r} needs an int request id")
-        return f"{kind} #{request}: {_unjelly(sexp[2])!r}"
+        return f"{kind} #{request}: {show(_unjelly(sexp[2]))}"
     return f"{kind} {sexp[1]!r}"
 
 
@@ -333,7 +346,7 @@ def format_jelly(sexp: Sexp, dialect: bytes = b"pb") -> str:
             line = _format_message(sexp)
             if line is not None:
                 return line
-        return repr(_unjelly(sexp))
+        return show(_unjelly(sexp))
     except ProtocolError as error:
         return f"{format_sexp(sexp, dialect)}  # not jelly: {error}"
     except Exception as error:

@@ -16,12 +16,11 @@ import the broker.
 from __future__ import annotations
 
 import logging
-import traceback as traceback_module
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from .errors import DeadReferenceError, Error, JellyError, NoSuchMethod, PBConnectionLost, ProtocolError, RemoteError
-from .isolation import run_isolated
+from .isolation import describe, run_isolated
 from .jelly import (
     Jellier,
     Jellyable,
@@ -32,6 +31,7 @@ from .jelly import (
     setUnjellyableForClassTree,
 )
 from .jelly import unjellyableRegistry as copyTags
+from .preview import ERROR_TEXT_LIMIT, error_text, preview
 
 log = logging.getLogger("pbcore.flavors")
 
@@ -426,6 +426,9 @@ class RemoteReference(Serializable):
     def __repr__(self) -> str:
         return f"<RemoteReference {self.luid!r}>"
 
+    def __preview__(self, limit: int) -> str:
+        return repr(self)
+
     def __del__(self) -> None:
         # Runs in whatever thread the collector does; the broker only queues.
         if self.doRefCount:
@@ -503,11 +506,10 @@ class CopyableFailure(Copyable):
             name, value, text, parents = exception.type, exception.value, exception.traceback, exception.parents
         else:
             kind = type(exception)
-            name, value, parents = wire_name(kind), str(exception), [wire_name(base) for base in kind.__mro__]
-            if self.unsafeTracebacks:
-                text = "".join(traceback_module.format_exception(kind, exception, exception.__traceback__))
-            else:
-                text = "Traceback unavailable\n"
+            name, parents = wire_name(kind), [wire_name(base) for base in kind.__mro__]
+            # Not str(): the exception may hold a peer's value (see pbcore.preview).
+            value = error_text(exception, WIRE_TEXT_LIMIT)
+            text = describe(exception) + "\n" if self.unsafeTracebacks else "Traceback unavailable\n"
         return {
             "type": name.encode("utf-8"),
             "value": value,
@@ -545,15 +547,12 @@ class CopiedFailure(RemoteCopy, RemoteError):
     def setCopyableState(self, state: Any) -> None:
         if not isinstance(state, dict):
             raise JellyError("a failure's state must be a dictionary")
-        kind = state.get("type")
-        if isinstance(kind, bytes):
-            kind = kind.decode("utf-8", "replace")
         parents = state.get("parents")
         self.__init__(  # type: ignore[misc]
-            str(kind),
-            str(state.get("value", "")),
-            str(state.get("traceback", "")),
-            [str(parent) for parent in parents] if isinstance(parents, list) else None,
+            _peer_text(state.get("type")),
+            _peer_text(state.get("value", "")),
+            _peer_text(state.get("traceback", "")),
+            [_peer_text(parent) for parent in parents[:_MAX_PARENTS]] if isinstance(parents, list) else None,
         )
 
     def check(self, *errorTypes: type[BaseException] | str) -> type[BaseException] | str | None:
@@ -576,6 +575,19 @@ class CopiedFailure(RemoteCopy, RemoteError):
 
 
 setUnjellyableForClass(FAILURE_TAG, CopiedFailure)
+
+#: How much of an exception's text a CopyableFailure carries (longer text is cut).
+WIRE_TEXT_LIMIT: Final = 64 * 1024
+_MAX_PARENTS: Final = 100
+
+
+def _peer_text(value: object) -> str:
+    """A failure field from the peer as text: strings as they are, anything else as a bounded preview."""
+    if type(value) is str:
+        return value
+    if type(value) is bytes:
+        return value.decode("utf-8", "replace")
+    return preview(value, ERROR_TEXT_LIMIT)
 
 
 def _broker_of(jellier: Jellier, obj: object) -> Any:

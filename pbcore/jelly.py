@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import functools
+import itertools
 import re
 import types
 from collections.abc import Callable, Mapping
@@ -47,6 +48,7 @@ from typing import Any, Final, Protocol
 
 from .banana import DEFAULT_LIMITS, Limits, Sexp
 from .errors import BananaError, InsecureJelly, JellyError, NotJellyable, ProtocolError
+from .keys import COMPOSITE, SALTED, Collisions, KeyMeter
 
 __all__ = [
     "Jellier",
@@ -560,8 +562,12 @@ class Unjellier:
         self.taster = taster
         self.invoker = invoker
         self._handlers = handlers or {}
+        self._limits = limits
         self._max_depth = limits.max_depth
         self._depth = 0
+        self._items = 0  # items of the containers seen so far: the hashing budget grows with them
+        self._meter: KeyMeter | None = None  # made for the first tuple or frozenset key
+        self._tuple_depths: dict[int, tuple[Any, int]] = {}  # id -> (tuple, depth), for nested ones
         self.references: dict[int, Any] = {}
         self._forms: dict[bytes, _Form] = {}  # head -> builder, resolved once per unjellier
         self._plain_unicode = b"unicode" not in self._handlers and bool(taster.isTypeAllowed(b"unicode"))
@@ -625,6 +631,7 @@ class Unjellier:
 
     def _list(self, obj: list[Any], ref: int | None) -> list[Any]:
         self._nest()
+        self._items += len(obj)
         result: list[Any] = []
         if ref is not None:
             self.references[ref] = result
@@ -639,10 +646,12 @@ class Unjellier:
 
     def _dict(self, obj: list[Any], ref: int | None) -> dict[Any, Any]:
         self._nest()
+        self._items += len(obj)
         result: dict[Any, Any] = {}
         if ref is not None:
             self.references[ref] = result
         unjelly = self.unjelly
+        collisions: Collisions | None = None
         for pair in obj[1:]:
             if type(pair) is not list or len(pair) != 2:
                 raise JellyError(f"a dictionary item must be a [key, value] list, got {pair!r:.60}")
@@ -652,6 +661,10 @@ class Unjellier:
             if type(key) is _Hole or type(value) is _Hole:
                 self._later(result, key, value)
                 continue
+            if type(key) not in SALTED:  # the usual str keys pay this one test
+                if collisions is None:
+                    collisions = Collisions(self._limits, "dictionary")
+                self._key(key, collisions, result)
             try:
                 result[key] = value
             except TypeError:
@@ -661,10 +674,12 @@ class Unjellier:
 
     def _later(self, result: dict[Any, Any], key: Any, value: Any) -> None:
         entry = [key, value]
+        collisions = Collisions(self._limits, "dictionary")
 
         def fill(index: int, known: Any) -> None:
             entry[index] = known
             if type(entry[0]) is not _Hole and type(entry[1]) is not _Hole:
+                self._key(entry[0], collisions, result)
                 try:
                     result[entry[0]] = entry[1]
                 except TypeError:
@@ -677,6 +692,7 @@ class Unjellier:
     def _sequence(self, obj: list[Any], _ref: int | None, build: Callable[[list[Any]], Any]) -> Any:
         """A tuple or frozenset: built when all its items are known."""
         self._nest()
+        self._items += len(obj)
         unjelly = self.unjelly
         items = []
         for item in obj[1:]:  # a loop, not a comprehension: one frame less per level
@@ -684,7 +700,7 @@ class Unjellier:
         self._depth -= 1
         missing = [index for index, item in enumerate(items) if type(item) is _Hole]
         if not missing:
-            return _build(build, items)
+            return self._built(build, items)
         hole = _Hole()
         remaining = [len(missing)]
 
@@ -692,7 +708,7 @@ class Unjellier:
             items[index] = value
             remaining[0] -= 1
             if not remaining[0]:
-                hole.fill(_build(build, items))
+                hole.fill(self._built(build, items))
 
         for index in missing:
             items[index].callbacks.append(lambda v, i=index: fill(i, v))
@@ -700,17 +716,62 @@ class Unjellier:
 
     def _set(self, obj: list[Any], ref: int | None) -> set[Any]:
         self._nest()
+        self._items += len(obj)
         result: set[Any] = set()
         if ref is not None:
             self.references[ref] = result
+        collisions = Collisions(self._limits, "set")
+
+        def add(value: Any) -> None:
+            if type(value) not in SALTED:
+                self._key(value, collisions, result)
+            _add(result, value)
+
         for item in obj[1:]:
             value = self.unjelly(item)
             if type(value) is _Hole:
-                value.callbacks.append(lambda v: _add(result, v))
+                value.callbacks.append(add)
             else:
-                _add(result, value)
+                add(value)
         self._depth -= 1
         return result
+
+    # -- what keys cost (see pbcore.keys) -----------------------------------------
+
+    def _key(self, key: Any, collisions: Collisions, existing: Any) -> None:
+        """Charge *key*, about to be hashed into *existing*, to this message's budgets."""
+        if type(key) in COMPOSITE:
+            meter = self._meter
+            if meter is None:
+                meter = self._meter = KeyMeter(self._limits)
+            meter.charge(key, self._items)
+        collisions.add(key, existing)
+
+    def _built(self, build: Callable[[list[Any]], Any], items: list[Any]) -> Any:
+        """Build a tuple or frozenset from its known items, within the depth and key budgets.
+
+        Shared references can nest tuples far deeper than the message itself
+        is nested, and CPython hashes a tuple recursively with no guard: a
+        tuple 10**5 deep crashes the process when hashed. So a tuple's depth
+        is known when it is built, and refused past ``max_depth``.
+        """
+        depths = self._tuple_depths
+        depth = 1
+        for item in items:
+            if type(item) in COMPOSITE:
+                known = depths.get(id(item))
+                depth = max(depth, 2 if known is None else known[1] + 1)
+        if depth > self._max_depth:
+            raise JellyError(f"tuples nested deeper than the limit of {self._max_depth} (through shared references)")
+        if build is frozenset:
+            collisions = Collisions(self._limits, "frozenset")
+            for index, item in enumerate(items):
+                if type(item) not in SALTED:
+                    self._key(item, collisions, itertools.islice(items, index))
+        value = _build(build, items)
+        if depth > 1:
+            depths[id(value)] = (value, depth)
+        return value
 
     # -- references -----------------------------------------------------------
 

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import IO, Any
 
 from pbcore.broker import Broker
+from pbcore.cli import show
 from pbcore.cred import Anonymous, UsernamePassword
 from pbcore.demo import DemoService
 from pbcore.errors import (
@@ -248,7 +249,7 @@ async def _call(
                 )
             call_kwargs = kwargs if not previous else {}
             target = await target.callRemote(method, *args, pbtimeout=timeout, **call_kwargs)
-            out.write(f"{target!r}\n")
+            out.write(show(target) + "\n")
             out.flush()
             previous = method
     except CallTimedOut as error:

@@ -146,6 +146,9 @@ class Limits:
     #: Keys of one dictionary or set that may share a hash (int, float and tuple hashes are
     #: not salted, so a peer could make every insertion walk all the others).
     max_hash_collisions: int = attrs.field(default=64, validator=_positive)
+    #: Caches (RemoteCache) the peer may have this side hold at once on one connection; one
+    #: more is refused (a JellyError). Twisted bounds only the references it gives out.
+    max_caches: int = attrs.field(default=10_000, validator=_positive)
 
 
 DEFAULT_LIMITS: Final = Limits()

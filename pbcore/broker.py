@@ -481,8 +481,11 @@ class Broker:
         return self.remotelyCachedObjects[luid].object  # type: ignore[no-any-return]
 
     def cacheLocally(self, cid: int, instance: RemoteCache) -> None:
-        """Keep the broker's own instance of a cache the peer sent."""
-        self.locallyCachedObjects[cid] = instance
+        """Keep the broker's own instance of a cache the peer sent (refused past ``Limits.max_caches``)."""
+        table = self.locallyCachedObjects
+        if cid not in table and len(table) >= self.limits.max_caches:
+            raise JellyError(f"the peer sent more than {self.limits.max_caches} caches (Limits.max_caches)")
+        table[cid] = instance
 
     def cachedLocallyAs(self, cid: Any) -> RemoteCache:
         """The broker's own instance of the cache *cid*."""

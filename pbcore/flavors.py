@@ -31,6 +31,7 @@ from .jelly import (
     setUnjellyableForClassTree,
 )
 from .jelly import unjellyableRegistry as copyTags
+from .keys import PEER_ID_BOUND
 from .preview import ERROR_TEXT_LIMIT, error_text, preview
 
 log = logging.getLogger("pbcore.flavors")
@@ -292,8 +293,8 @@ class RemoteCache(RemoteCopy, Serializable):
             raise JellyError(f"a cache is [tag, id, state] and needs a broker, got {len(jellyList)} items")
         broker = unjellier.invoker
         luid = jellyList[1]
-        if type(luid) is not int:
-            raise JellyError(f"a cache id must be an int, got {luid!r:.40}")
+        if type(luid) is not int or not 0 <= luid < PEER_ID_BOUND:
+            raise JellyError(f"a cache id must be an int from 0 to 2**61 - 2, got {luid!r:.40}")
         # This first instance stays with the broker until the owner says
         # uncache; the application gets copies that share its state.
         broker.cacheLocally(luid, self)

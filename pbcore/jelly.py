@@ -48,7 +48,7 @@ from typing import Any, Final, Protocol
 
 from .banana import DEFAULT_LIMITS, Limits, Sexp
 from .errors import BananaError, InsecureJelly, JellyError, NotJellyable, ProtocolError
-from .keys import COMPOSITE, SALTED, Collisions, KeyMeter
+from .keys import COMPOSITE, PEER_ID_BOUND, SALTED, Collisions, KeyMeter
 
 __all__ = [
     "Jellier",
@@ -778,8 +778,8 @@ class Unjellier:
     def _reference(self, obj: list[Any], _ref: int | None) -> Any:
         _shape(obj, 3)
         ref, body = obj[1], obj[2]
-        if type(ref) is not int:
-            raise JellyError(f"reference number must be an int, got {ref!r:.40}")
+        if type(ref) is not int or not 0 <= ref < PEER_ID_BOUND:
+            raise JellyError(f"reference number must be an int from 0 to 2**61 - 2, got {ref!r:.40}")
         if ref in self.references:
             raise JellyError(f"reference number {ref} is defined twice")
         hole = self.references[ref] = _Hole()

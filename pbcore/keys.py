@@ -13,7 +13,9 @@ walk all the others. This module keeps both linear:
   small multiple of the items it has shown (and more than
   :attr:`Limits.max_key_items <pbcore.banana.Limits.max_key_items>`);
 * :class:`Collisions` counts, in one container, the keys that share a hash, and
-  refuses past :attr:`Limits.max_hash_collisions <pbcore.banana.Limits.max_hash_collisions>`.
+  refuses past :attr:`Limits.max_hash_collisions <pbcore.banana.Limits.max_hash_collisions>`;
+* the numbers a peer picks for the unjellier's and the broker's own tables
+  (reference numbers, cache ids) must be below :data:`PEER_ID_BOUND`.
 
 Both raise :class:`~pbcore.errors.JellyError`: the message is refused (an error
 answer for a call), the connection is kept.
@@ -26,13 +28,17 @@ from typing import Any, Final
 from .banana import Limits
 from .errors import JellyError
 
-__all__ = ["COMPOSITE", "KEY_WORK_FACTOR", "KEY_WORK_SLACK", "SALTED", "Collisions", "KeyMeter"]
+__all__ = ["COMPOSITE", "KEY_WORK_FACTOR", "KEY_WORK_SLACK", "PEER_ID_BOUND", "SALTED", "Collisions", "KeyMeter"]
 
 #: The keys of one message may expand to this many times the items it has shown (a tuple
 #: key reused in many dictionaries arrives shared: a constant in the sender's code)...
 KEY_WORK_FACTOR: Final = 16
 #: ...plus this many (about a millisecond of hashing).
 KEY_WORK_SLACK: Final = 100_000
+
+#: Numbers a peer chooses that become keys of a table (reference numbers, cache ids) are
+#: below this: distinct ints below 2**61 - 1 never share a hash.
+PEER_ID_BOUND: Final = 2**61 - 1
 
 #: str and bytes hashes are salted per process (PYTHONHASHSEED): a peer cannot aim them.
 SALTED: Final = frozenset({str, bytes})

@@ -15,8 +15,9 @@ import pytest
 from pbcore import banana
 from pbcore.banana import Limits
 from pbcore.errors import JellyError
-from pbcore.flavors import CopiedFailure, CopyableFailure, Root
+from pbcore.flavors import Cacheable, CopiedFailure, CopyableFailure, RemoteCache, Root
 from pbcore.isolation import describe
+from pbcore.jelly import qual, setUnjellyableForClass
 from pbcore.jelly import unjelly as _unjelly
 from pbcore.keys import KEY_WORK_SLACK, KeyMeter
 from pbcore.preview import error_text, preview
@@ -338,3 +339,40 @@ def test_a_bomb_answer_fails_the_call_and_a_bomb_failure_is_bounded() -> None:
             pending.unwrap()
         assert len(str(raised.value)) < 5000
         assert not pair.client.closed
+
+
+# -- tables the peer fills ----------------------------------------------------------------
+
+
+class Counter(Cacheable):
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> dict[str, Any]:
+        return {}
+
+
+class CounterCopy(RemoteCache):
+    pass
+
+
+setUnjellyableForClass(qual(Counter), CounterCopy)
+
+
+class Caches(Root):
+    def remote_many(self, count: int) -> list[Counter]:
+        return [Counter() for _ in range(count)]
+
+
+def test_the_caches_a_peer_makes_this_side_hold_are_bounded() -> None:
+    pair = BrokerPair(server_root=Caches(), limits=Limits(max_caches=5))
+    root = pair.client.root()
+    held = pair.run(root.callRemote("many", 5))
+    assert len(pair.client.locallyCachedObjects) == 5
+    with pytest.raises(JellyError, match="more than 5 caches"):
+        pair.run(root.callRemote("many", 1))
+    assert not pair.client.closed and len(held) == 5
+
+
+@pytest.mark.parametrize("number", [-1, P, 2**200])
+def test_a_reference_number_a_table_could_not_hash_apart_is_refused(number: int) -> None:
+    # k * P all hash to 0: 100,000 references numbered so would make the table quadratic.
+    with pytest.raises(JellyError, match="reference number must be an int from 0"):
+        unjelly([b"reference", number, [b"list"]])

@@ -127,9 +127,12 @@ class Limits:
     ints below 2**448 in magnitude; 640 KiB for one list or byte string).
     ``max_depth`` and ``max_expression_bytes`` are pbcore's own: Twisted has no
     bound on nesting or on a whole expression, so a peer could exhaust the
-    stack or the memory. The memory one expression can take once decoded is a
-    small multiple of ``max_expression_bytes`` (about 30x at worst, for a
-    stream of empty lists).
+    stack or the memory. ``max_decoded_bytes`` bounds what an expression
+    costs once decoded, lists counted at about their size in memory: PB
+    messages decode to 7-13 times their size on the wire, a stream of tiny
+    lists to 70 times. With the defaults one connection's decoder holds at
+    most about 200 MB (25 times ``max_expression_bytes``; docs/security.md
+    has the measurements).
     """
 
     prefix_limit: int = attrs.field(default=64, validator=_positive)
@@ -138,6 +141,9 @@ class Limits:
     max_expression_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
     #: Async calls one connection may have running at once; one more is refused with an
     #: error answer (:class:`pbcore.serving.TooManyCalls`), never queued (see pbcore.serving).
+    #: What one expression may take once decoded, as the decoder counts it: its bytes, plus
+    #: :data:`LIST_COST` for each list (see docs/security.md for what this bounds).
+    max_decoded_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=_positive)
     max_running_calls: int = attrs.field(default=10_000, validator=_positive)
     #: The tuple and frozenset keys of one message (dictionary keys, set members), counted
     #: expanded, may hold at most this many items, and at most a small multiple of the items
@@ -152,6 +158,10 @@ class Limits:
 
 
 DEFAULT_LIMITS: Final = Limits()
+
+#: What a decoded list costs beyond its bytes on the wire, for ``Limits.max_decoded_bytes``
+#: (a list object and its slot in its parent; its items are counted as they come).
+LIST_COST: Final = 64
 
 
 def int_to_b128(value: int) -> bytes:
@@ -341,6 +351,7 @@ class Decoder:
         self._pending_len = 0
         self._need = 0  # bytes needed past _pos before parsing can progress
         self._expr_start = 0  # stream offset where the current expression began
+        self._lists_cost = 0  # what the lists of the current expression cost decoded, past their bytes
         self._stack: list[tuple[list[Sexp], int]] = []  # open lists and their claimed lengths
         self._failed: BananaError | None = None
         self._header = re.compile(b"[\\x00-\\x7f]{0,%d}[\\x80-\\xff]" % limits.prefix_limit)
@@ -395,6 +406,9 @@ class Decoder:
             result, self._pos = self._parse(self._buf, pos)
         except BananaError as error:
             self._failed = error
+            # Unusable from now on: let go of what it held (up to max_decoded_bytes).
+            self._stack.clear()
+            self._buf = b""
             raise
         return result
 
@@ -412,11 +426,13 @@ class Decoder:
         size_limit = limits.size_limit
         max_depth = limits.max_depth
         max_bytes = limits.max_expression_bytes
+        max_decoded = limits.max_decoded_bytes
         vocabulary = _WORDS if self.dialect == b"pb" else None
         end = len(buf)
         stack = self._stack
         if not stack:
             self._expr_start = self._base + pos
+            self._lists_cost = 0
         expr_start = self._expr_start - self._base  # negative if it began in an earlier buffer
         # While the buffer cannot hold an over-long expression, skip the per-item check.
         check_size = end - expr_start > max_bytes
@@ -462,6 +478,15 @@ class Decoder:
                     raise self._fail(start, f"list of {num} items is over the size limit of {size_limit}")
                 if len(stack) >= max_depth:  # the encoder's rule: no list at depth max_depth
                     raise self._fail(start, f"lists nested deeper than the limit of {max_depth}")
+                # A list is 1 or 2 bytes on the wire and about 70 once decoded: counted, so that
+                # a stream of lists cannot take 70 times max_expression_bytes.
+                self._lists_cost += LIST_COST
+                if pos - expr_start + self._lists_cost > max_decoded:
+                    raise self._fail(
+                        start,
+                        f"expression over the limit of {max_decoded} bytes decoded (Limits.max_decoded_bytes;"
+                        f" each list counts {LIST_COST} bytes more than its size on the wire)",
+                    )
                 if num:
                     top = []
                     want = num

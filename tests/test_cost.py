@@ -8,6 +8,7 @@ the bombs are a few hundred bytes that expand to 2**40 items or more.
 from __future__ import annotations
 
 import logging
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from pbcore.banana import Limits
 from pbcore.errors import JellyError
 from pbcore.flavors import Cacheable, CopiedFailure, CopyableFailure, RemoteCache, Root
 from pbcore.isolation import describe
-from pbcore.jelly import qual, setUnjellyableForClass
+from pbcore.jelly import jelly, qual, setUnjellyableForClass
 from pbcore.jelly import unjelly as _unjelly
 from pbcore.keys import KEY_WORK_SLACK, KeyMeter
 from pbcore.preview import error_text, preview
@@ -376,3 +377,62 @@ def test_a_reference_number_a_table_could_not_hash_apart_is_refused(number: int)
     # k * P all hash to 0: 100,000 references numbered so would make the table quadratic.
     with pytest.raises(JellyError, match="reference number must be an int from 0"):
         unjelly([b"reference", number, [b"list"]])
+
+
+# -- the decoder's memory ---------------------------------------------------------------
+
+
+def held_by_decoder(data: bytes, limits: Limits) -> tuple[int, BaseException | None]:
+    """Feed *data* in 64 KiB reads; the most bytes (tracemalloc's peak) the decoder held, and its error."""
+    decoder = banana.Decoder(b"pb", limits)
+    error: BaseException | None = None
+    tracemalloc.start()
+    try:
+        for start in range(0, len(data), 65536):
+            decoder.feed(data[start : start + 65536])
+            decoder.next_expression()
+    except banana.BananaError as refused:
+        error = refused
+    held = tracemalloc.get_traced_memory()[1]  # the peak: a refused decoder lets go at once
+    tracemalloc.stop()
+    return held, error
+
+
+def unfinished(item: bytes, count: int) -> bytes:
+    """An outer list that never ends, holding lists of *count* copies of *item*."""
+    chunk = banana.int_to_b128(count) + b"\x80" + item * count
+    return banana.int_to_b128(1000) + b"\x80" + chunk * 999
+
+
+WORST_SHAPES = [
+    pytest.param(b"\x80", id="empty-lists"),
+    pytest.param(b"\x01\x80\x81", id="one-item-lists"),
+    pytest.param(b"\x02\x80\x81\x81", id="two-item-lists"),
+    pytest.param(banana.int_to_b128(1000) + b"\x81", id="ints"),
+    pytest.param(b"\x02\x82ab", id="short-strings"),
+]
+
+
+@pytest.mark.parametrize("item", WORST_SHAPES)
+def test_an_unfinished_expression_holds_a_bounded_multiple_of_the_limit(item: bytes) -> None:
+    limits = Limits(max_expression_bytes=256 * 1024, max_decoded_bytes=4 * 1024 * 1024)
+    held, error = held_by_decoder(unfinished(item, 20_000), limits)
+    assert error is not None  # refused, by one limit or the other
+    # Before max_decoded_bytes, a stream of empty lists held 66 times its size.
+    assert held < 1.6 * limits.max_decoded_bytes + limits.max_expression_bytes
+
+
+def test_a_stream_of_lists_is_refused_by_its_decoded_size() -> None:
+    limits = Limits(max_expression_bytes=10**9, max_decoded_bytes=1000 * banana.LIST_COST)
+    with pytest.raises(banana.BananaError, match="over the limit of 64000 bytes decoded"):
+        banana.decode(banana.int_to_b128(2000) + b"\x80" + b"\x80" * 2000, limits=limits)
+    assert banana.decode(banana.int_to_b128(900) + b"\x80" + b"\x80" * 900, limits=limits)[0] == [[]] * 900
+
+
+def test_a_pb_message_at_the_wire_limit_is_within_the_decoded_limit() -> None:
+    # The codec benchmark's dicts, about 8 MB of them: about 7 times that decoded, as counted.
+    payload = [{"name": f"user-{i}", "id": i, "score": i + 0.25, "note": None, "tags": ["a", i]} for i in range(50_000)]
+    data = banana.encode(jelly(payload))
+    assert 0.9 * Limits().max_expression_bytes < len(data) < Limits().max_expression_bytes
+    (expression,) = banana.decode(data)
+    assert len(expression) == 50_001

@@ -145,6 +145,13 @@ class Limits:
     #: :data:`LIST_COST` for each list (see docs/security.md for what this bounds).
     max_decoded_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=_positive)
     max_running_calls: int = attrs.field(default=10_000, validator=_positive)
+    #: Calls received and not started yet (they wait while the connection's output is over
+    #: ``output_high_water``, or for an earlier async call's first wait): at this many the
+    #: adapter stops reading from the connection until they have started.
+    max_queued_calls: int = attrs.field(default=1000, validator=_positive)
+    #: Bytes answered and not yet written to the peer past which no further call starts (a
+    #: peer that never reads costs this, not every answer), and the adapter stops reading.
+    output_high_water: int = attrs.field(default=256 * 1024, validator=_positive)
     #: The tuple and frozenset keys of one message (dictionary keys, set members), counted
     #: expanded, may hold at most this many items, and at most a small multiple of the items
     #: the message has (see pbcore.keys): shared references make hashing exponential otherwise.

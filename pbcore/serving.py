@@ -31,9 +31,15 @@ The rules, in one place:
   and so on; a slot that only a later message can free deadlocks such a call
   graph. So past ``Limits.max_running_calls`` async calls running on one
   connection, the next is *refused* at once with a :class:`TooManyCalls`
-  error answer. Memory is bounded by that figure, and by the adapter's
-  back-pressure on reading (it stops reading while the peer does not read
-  what it is sent).
+  error answer.
+* **Back-pressure.** No call starts while more than
+  ``Limits.output_high_water`` bytes of this connection's output are
+  unwritten (what the broker holds, plus what the adapter's *backlog* says it
+  holds): a peer that sends calls and never reads the answers costs that
+  much, not every answer. The adapter calls :meth:`Dispatcher.resume` when
+  its output has drained. While ``Limits.max_queued_calls`` calls wait,
+  :attr:`Dispatcher.wants_input` is False: the adapter reads no more from the
+  connection until *on_input_wanted* is called.
 * **Cancel on close.** When the connection ends, every call still running is
   cancelled through the canceller *spawn* returned, no answer is sent for
   it, and the calls not started yet are dropped.
@@ -54,6 +60,7 @@ from .cred import LoginFailed
 from .errors import Error, NoSuchMethod
 from .events import CallReceived, Event
 from .isolation import describe
+from .preview import PREVIEW_LIMIT, error_text
 
 __all__ = ["CallTask", "Dispatcher", "TooManyCalls"]
 
@@ -191,9 +198,19 @@ class Dispatcher:
     for asyncio, ``lambda c: driver.spawn(c).cancel`` with no loop.
     """
 
-    def __init__(self, broker: Broker, spawn: Callable[[Coroutine[Any, Any, None]], Callable[[], object]]) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        spawn: Callable[[Coroutine[Any, Any, None]], Callable[[], object]],
+        *,
+        backlog: Callable[[], int] | None = None,
+        on_input_wanted: Callable[[], object] | None = None,
+    ) -> None:
         self.broker = broker
         self._spawn = spawn
+        self._backlog = backlog
+        self._on_input_wanted = on_input_wanted
+        self._reader_waits = False  # wants_input said False; on_input_wanted is owed
         #: The async calls running now.
         self.running: set[CallTask] = set()
         self._queue: collections.deque[CallReceived] = collections.deque()
@@ -203,8 +220,28 @@ class Dispatcher:
 
     @property
     def queued(self) -> int:
-        """Calls received and not started yet (they wait for an earlier call's first wait)."""
+        """Calls received and not started yet (waiting for the output to drain, or for an earlier call's first wait)."""
         return len(self._queue)
+
+    @property
+    def wants_input(self) -> bool:
+        """False while ``Limits.max_queued_calls`` calls wait to start: read nothing more until *on_input_wanted*."""
+        if len(self._queue) < self.broker.limits.max_queued_calls or self.broker.closed:
+            return True
+        self._reader_waits = True
+        return False
+
+    @property
+    def output_full(self) -> bool:
+        """Whether more than ``Limits.output_high_water`` bytes of output are unwritten (no call starts then)."""
+        held = self.broker.bytes_to_send
+        if self._backlog is not None:
+            held += self._backlog()
+        return held > self.broker.limits.output_high_water
+
+    def resume(self) -> None:
+        """The adapter's output has drained (some of it): start the calls that waited for it."""
+        self._start_queued()
 
     def dispatch(self, events: Iterable[Event]) -> None:
         """Start the calls among *events* in order, after those received before (see the module docstring)."""
@@ -216,7 +253,7 @@ class Dispatcher:
             return  # re-entered from a call spawned (and run up to its first wait) by the loop below
         self._dispatching = True
         try:
-            while self._queue and self._starting is None and not self.broker.closed:
+            while self._queue and self._starting is None and not self.broker.closed and not self.output_full:
                 event = self._queue.popleft()
                 task = self._start(event)
                 if task is None:
@@ -235,6 +272,10 @@ class Dispatcher:
                 task._set_canceller(canceller)
         finally:
             self._dispatching = False
+        if self._reader_waits and len(self._queue) < self.broker.limits.max_queued_calls:
+            self._reader_waits = False
+            if self._on_input_wanted is not None:
+                self._on_input_wanted()
 
     def _start(self, event: CallReceived) -> CallTask | None:
         """Invoke one call: answered now (None returned), or a :class:`CallTask` to spawn."""
@@ -282,7 +323,8 @@ class Dispatcher:
                 # A refusal the caller is meant to get (a pb.Error, a refused login, a missing
                 # method): one line, no traceback, so that a peer cannot flood the log with them.
                 level = logging.DEBUG if isinstance(error, Error) else logging.INFO
-                log.log(level, "%s: %s raised %s: %s; %s", peer, event.method, type(error).__name__, error, outcome)
+                text = error_text(error, PREVIEW_LIMIT)
+                log.log(level, "%s: %s raised %s: %s; %s", peer, event.method, type(error).__name__, text, outcome)
             else:
                 log.error(
                     "%s: %s raised %s; %s\n%s", peer, event.method, type(error).__name__, outcome, describe(error)

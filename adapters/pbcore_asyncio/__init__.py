@@ -427,8 +427,8 @@ class _Listener(socket.socket):
             return super().accept()
         except OSError as error:
             if error.errno in _OUT_OF_RESOURCES:
-                self._resting = True
                 asyncio.get_running_loop().call_soon(self._rest_over)  # accept() runs in asyncio's loop
+                self._resting = True
                 log.warning(
                     "accepting a connection on %s failed (%s); asyncio tries again in %s s",
                     self.getsockname(),
@@ -608,9 +608,15 @@ async def serve(
         for sock in sockets:
             listeners.append(
                 await loop.create_server(
-                    lambda: Connection(factory.make_broker, server), sock=sock, ssl=ssl_context, backlog=backlog
+                    lambda: Connection(factory.make_broker, server),
+                    sock=sock,
+                    ssl=ssl_context,
+                    backlog=backlog,
+                    start_serving=False,  # all or none, as asyncio's own multi-address server
                 )
             )
+        for listener in listeners:
+            await listener.start_serving()
     except BaseException:
         for listener in listeners:
             listener.close()

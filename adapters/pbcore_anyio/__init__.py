@@ -86,8 +86,9 @@ HIGH_WATER = 256 * 1024
 CLOSE_TIMEOUT = 5.0
 #: How long a TLS handshake may take.
 HANDSHAKE_TIMEOUT = 30.0
-#: After a failed accept (out of file descriptors, say), the wait before the next.
-ACCEPT_RETRY = 0.1
+#: After a failed accept (out of file descriptors, say), the wait before the next: from the
+#: first figure, doubling up to the second while it keeps failing (the figures of every adapter).
+ACCEPT_BACKOFF = (0.1, 1.0)
 
 log = logging.getLogger("pbcore.anyio")
 _STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
@@ -407,15 +408,20 @@ class Server:
         await self.aclose()
 
     async def _accept(self, listener: SocketListener, handle: Callable[[ByteStream], Any], tg: TaskGroup) -> None:
+        backoff = 0.0
         while True:
             try:
                 stream = await listener.accept()
             except anyio.ClosedResourceError:
                 return
-            except (OSError, anyio.BrokenResourceError) as error:
-                log.warning("accepting a connection failed: %s", error)
-                await anyio.sleep(ACCEPT_RETRY)
+            except (OSError, anyio.BrokenResourceError) as error:  # EMFILE, ENFILE, ENOBUFS, ENOMEM...
+                # On trio, anyio says BrokenResourceError (with no message) from the OSError.
+                reason = error.__cause__ if isinstance(error.__cause__, OSError) else error
+                backoff = min(ACCEPT_BACKOFF[1], 2 * backoff) if backoff else ACCEPT_BACKOFF[0]
+                log.warning("accepting a connection failed (%s); trying again in %.1f s", reason, backoff)
+                await anyio.sleep(backoff)
                 continue
+            backoff = 0.0
             tg.start_soon(handle, stream)
 
     async def _handle(

@@ -38,11 +38,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
 import ssl
+import stat
+import sys
 import threading
+from asyncio.constants import ACCEPT_RETRY_DELAY
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, cast
@@ -397,6 +401,87 @@ class Connection(asyncio.BufferedProtocol):
 
 # -- servers -------------------------------------------------------------------------------------
 
+#: What accept() fails with when the process or the system is out of something (asyncio pauses then).
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class _Listener(socket.socket):
+    """A listening socket that ends asyncio's run of accepts at its first failure for want of resources.
+
+    Out of descriptors (or buffers, or memory), asyncio's selector loops (3.10 to
+    3.13; CPython gh-151615) log the error and pause the listener for a second, but
+    go on calling accept() up to *backlog* times in the same run: each failure is
+    logged again and schedules one more resumption, so the resumptions multiply
+    while the shortage lasts (after 15 s, thousands of tracebacks a second and most
+    of a core). After one such failure this socket says there is nothing to accept
+    until the loop's next iteration, so asyncio logs and resumes once a second; and
+    pbcore's log says which server it is. Other loops (uvloop's) do not call it.
+    """
+
+    _resting = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self._resting:
+            raise BlockingIOError(errno.EAGAIN, "resting until the loop's next iteration")
+        try:
+            return super().accept()
+        except OSError as error:
+            if error.errno in _OUT_OF_RESOURCES:
+                asyncio.get_running_loop().call_soon(self._rest_over)  # accept() runs in asyncio's loop
+                self._resting = True
+                log.warning(
+                    "accepting a connection on %s failed (%s); asyncio tries again in %s s",
+                    self.getsockname(),
+                    error,
+                    ACCEPT_RETRY_DELAY,
+                )
+            raise
+
+    def _rest_over(self) -> None:
+        self._resting = False
+
+
+async def _tcp_listeners(host: str | None, port: int) -> list[_Listener]:
+    """Bound sockets for *host*:*port*, one an address, made as asyncio's create_server makes them."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    if not infos:
+        raise OSError("getaddrinfo() returned empty list")
+    listeners: list[_Listener] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = _Listener(family, kind, proto)
+            listeners.append(sock)
+            if os.name == "posix" and sys.platform != "cygwin":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, True)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, True)  # IPv4 has a socket of its own
+            try:
+                sock.bind(address)
+            except OSError as error:
+                message = f"error while attempting to bind on address {address!r}: {error.strerror}"
+                raise OSError(error.errno, message) from None
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+def _unix_listener(path: str) -> _Listener:
+    """A socket bound at *path*, replacing a stale socket there, as asyncio's create_unix_server does."""
+    sock = _Listener(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not path.startswith("\0"):  # not an abstract socket: a file
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.remove(path)
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
 
 class Server:
     """A listening PB server: ``port``, ``addresses``, ``connections``; ``close()``, ``wait_closed()``.
@@ -410,7 +495,7 @@ class Server:
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._listener: asyncio.AbstractServer | None = None
+        self._listeners: list[asyncio.AbstractServer] = []  # one a socket (they are pbcore's _Listener)
         self._addresses: list[Any] = []
         #: The live connections.
         self.connections: set[Connection] = set()
@@ -418,10 +503,10 @@ class Server:
         self._closer: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] = self._loop.create_future()
 
-    def _listening(self, listener: asyncio.AbstractServer) -> Server:
-        self._listener = listener
+    def _listening(self, listeners: list[asyncio.AbstractServer]) -> Server:
+        self._listeners = listeners
         # asyncio.Server forgets its sockets once closed (3.10, 3.11): keep their names.
-        self._addresses = [sock.getsockname() for sock in cast(asyncio.Server, listener).sockets]
+        self._addresses = [sock.getsockname() for each in listeners for sock in cast(asyncio.Server, each).sockets]
         for address in self._addresses:
             log.debug("listening on %s", address)
         return self
@@ -450,8 +535,8 @@ class Server:
         if self._closing:
             return
         self._closing = True
-        if self._listener is not None:
-            self._listener.close()
+        for listener in self._listeners:
+            listener.close()
         self._closer = self._loop.create_task(self._shut_down(grace))
 
     async def wait_closed(self) -> None:
@@ -490,11 +575,12 @@ class Server:
                 for connection in connections:
                     connection.close()
                 await asyncio.gather(*(connection.wait_closed() for connection in connections))
-            if self._listener is not None:
+            if self._listeners:
                 # Every connection is closed: asyncio's (3.12+) and uvloop's
                 # servers wait for that; a TLS handshake under way may linger.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._listener.wait_closed(), CLOSE_TIMEOUT)
+                    waits = [listener.wait_closed() for listener in self._listeners]
+                    await asyncio.wait_for(asyncio.gather(*waits), CLOSE_TIMEOUT)
         finally:
             if not self._closed.done():
                 self._closed.set_result(None)
@@ -516,10 +602,28 @@ async def serve(
     """Serve *factory* on TCP *host*:*port* (port 0: a free one; TLS with *ssl_context*)."""
     loop = asyncio.get_running_loop()
     server = Server()
-    listener = await loop.create_server(
-        lambda: Connection(factory.make_broker, server), host, port, ssl=ssl_context, backlog=backlog
-    )
-    return server._listening(listener)
+    sockets = await _tcp_listeners(host, port)
+    listeners: list[asyncio.AbstractServer] = []
+    try:
+        for sock in sockets:
+            listeners.append(
+                await loop.create_server(
+                    lambda: Connection(factory.make_broker, server),
+                    sock=sock,
+                    ssl=ssl_context,
+                    backlog=backlog,
+                    start_serving=False,  # all or none, as asyncio's own multi-address server
+                )
+            )
+        for listener in listeners:
+            await listener.start_serving()
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        for sock in sockets:
+            sock.close()
+        raise
+    return server._listening(listeners)
 
 
 async def serve_unix(
@@ -532,10 +636,15 @@ async def serve_unix(
     """Serve *factory* on a unix socket at *path*."""
     loop = asyncio.get_running_loop()
     server = Server()
-    listener = await loop.create_unix_server(
-        lambda: Connection(factory.make_broker, server), os.fspath(path), ssl=ssl_context, backlog=backlog
-    )
-    return server._listening(listener)
+    sock = _unix_listener(os.fspath(path))
+    try:
+        listener = await loop.create_unix_server(
+            lambda: Connection(factory.make_broker, server), sock=sock, ssl=ssl_context, backlog=backlog
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return server._listening([listener])
 
 
 def _client(factory: PBClientFactory) -> Connection:

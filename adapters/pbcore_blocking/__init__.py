@@ -114,7 +114,8 @@ log = logging.getLogger("pbcore.blocking")
 JOIN_TIMEOUT = 5.0
 #: How often blocked loops look at their stop flag (and the reader at its timers' deadline).
 POLL_INTERVAL = 0.2
-#: The accept loop's back-off after a failed accept: from the first figure, doubling up to the second.
+#: The accept loop's back-off after a failed accept (or a reader thread that could not start):
+#: from the first figure, doubling up to the second.
 ACCEPT_BACKOFF = (0.1, 1.0)
 _READ_SIZE = 65536
 
@@ -630,15 +631,29 @@ class BlockingServer:
                 )
                 self._stopping.wait(backoff)
                 continue
-            backoff = 0.0
             try:
-                self._start(sock, address)
+                failure = self._start(sock, address)
             except Exception:  # never lose the accept thread
                 log.exception("setting up the connection from %s failed; closed it", address)
                 with suppress(OSError):
                     sock.close()
+                failure = None
+            if failure is None:
+                backoff = 0.0
+                continue
+            # Out of threads (or memory for one): the connections waiting would fare no
+            # better, so leave them in the backlog for a while, as when accept fails.
+            backoff = min(ACCEPT_BACKOFF[1], 2 * backoff) if backoff else ACCEPT_BACKOFF[0]
+            log.warning(
+                "starting a reader for the connection from %s failed (%s); closed it, accepting again in %.1f s",
+                address,
+                failure,
+                backoff,
+            )
+            self._stopping.wait(backoff)
 
-    def _start(self, sock: socket.socket, address: Any) -> None:
+    def _start(self, sock: socket.socket, address: Any) -> Exception | None:
+        """Set the connection up and start its reader; what starting the reader raised, if it failed."""
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._ssl_context is not None:
@@ -657,20 +672,21 @@ class BlockingServer:
         except Exception:
             log.warning("setting up the connection from %s failed; closed it", address, exc_info=True)
             sock.close()
-            return
+            return None
         with self._lock:
             refused = self._closing
             if not refused:
                 self.connections.add(connection)
         if refused:
             connection.close()
-            return
+            return None
         log.debug("%s: accepted", connection._who())
         try:
             connection.start()
-        except Exception:  # no thread to be had
-            log.warning("%s: starting the connection's reader failed; closed it", connection._who(), exc_info=True)
+        except Exception as error:  # no thread to be had ("can't start new thread")
             connection.close()
+            return error
+        return None
 
     def _forget(self, connection: BlockingConnection) -> None:
         with self._lock:

@@ -111,8 +111,9 @@ CHUNK = 64 * 1024
 HIGH_WATER = 256 * 1024
 #: How long :meth:`Connection.aclose` (and a broker that closed itself) waits for queued bytes to be written.
 CLOSE_TIMEOUT = 5.0
-#: How long accepting pauses after it failed (out of file descriptors, say).
-ACCEPT_RETRY = 0.1
+#: How long accepting pauses after it failed (out of file descriptors, say): from the first
+#: figure, doubling up to the second while it keeps failing (the figures of every adapter).
+ACCEPT_BACKOFF = (0.1, 1.0)
 
 log = logging.getLogger("pbcore.trio")
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -567,16 +568,19 @@ class Server:
                     nursery.start_soon(self._accept, listener)
 
     async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+        backoff = 0.0
         try:
             while True:
                 try:
                     stream = await listener.accept()
                 except trio.ClosedResourceError:
                     return  # closed by close()
-                except OSError as error:
-                    log.warning("accepting a connection failed: %s", error)
-                    await trio.sleep(ACCEPT_RETRY)
+                except OSError as error:  # EMFILE, ENFILE, ENOBUFS, ENOMEM...: the next accept may work
+                    backoff = min(ACCEPT_BACKOFF[1], 2 * backoff) if backoff else ACCEPT_BACKOFF[0]
+                    log.warning("accepting a connection failed (%s); trying again in %.1f s", error, backoff)
+                    await trio.sleep(backoff)
                     continue
+                backoff = 0.0
                 if self._grace is not None or self._nursery is None:
                     await trio.aclose_forcefully(stream)
                     return

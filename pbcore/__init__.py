@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .banana import DEFAULT_LIMITS, Decoder, Encoder, Limits
 from .broker import Broker, PendingCall
+from .budget import DEFAULT_BUDGET, MemoryBudget, OverBudget
 from .cred import (
     Avatar,
     IPerspective,
@@ -120,6 +121,9 @@ __all__ = [
     "JellyError",
     "Jellyable",
     "Limits",
+    "MemoryBudget",
+    "OverBudget",
+    "DEFAULT_BUDGET",
     "NoSuchMethod",
     "NotJellyable",
     "PBConnectionLost",

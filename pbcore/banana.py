@@ -374,6 +374,13 @@ class Decoder:
         return len(self._buf) - self._pos + self._pending_len
 
     @property
+    def held(self) -> int:
+        """What the unfinished expression costs so far, as ``max_decoded_bytes`` counts (0 at a boundary)."""
+        if not self._stack:
+            return self.buffered
+        return self._base + self._pos - self._expr_start + self._lists_cost + self.buffered
+
+    @property
     def at_boundary(self) -> bool:
         """True when no expression is partly received."""
         return not self._stack and self.buffered == 0

@@ -33,6 +33,7 @@ from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 from .banana import DEFAULT_LIMITS, DIALECTS, Decoder, Encoder, Limits, Sexp
+from .budget import DEFAULT_BUDGET, MemoryBudget, OverBudget
 from .codec import ValueEncoder
 from .errors import (
     BananaError,
@@ -175,7 +176,9 @@ class Broker:
     calls *on_output* (else *wake_up*) once more: an adapter that then finds
     :attr:`closed` set writes what :meth:`data_to_send` still has and closes
     its transport at once. *peer* is the peer's address, for logs and the
-    application (``broker.peer``); the adapter sets it.
+    application (``broker.peer``); the adapter sets it. *budget* is the
+    process-wide bound on unfinished messages this connection counts against
+    (:data:`pbcore.budget.DEFAULT_BUDGET` unless given).
     """
 
     version = PROTOCOL_VERSION
@@ -193,8 +196,11 @@ class Broker:
         on_output: Callable[[], None] | None = None,
         peer: Any = None,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        budget: MemoryBudget = DEFAULT_BUDGET,
     ) -> None:
         self.is_client = is_client
+        #: Where this connection reports the bytes of unfinished messages it holds (see pbcore.budget).
+        self.budget = budget
         #: The peer's address (as the transport gives it), or None.
         self.peer = peer
         #: How long this connection waits (run by :class:`pbcore.timers.ConnectionTimers`).
@@ -276,6 +282,12 @@ class Broker:
                 if expression is None:
                     break
                 self._dispatch(expression)
+            if not self.budget.report(self, self._decoder.held) and not self.closed:
+                limit = self.budget.limit
+                raise OverBudget(
+                    f"the process holds more than {limit} bytes of unfinished messages (its MemoryBudget): "
+                    f"this connection, holding {self._decoder.held}, is closed"
+                )
         except ProtocolError as error:
             log.info("%s: closing the connection: %s: %s", self._who(), type(error).__name__, error)
             self.close(error)
@@ -337,6 +349,7 @@ class Broker:
             return
         self.closed = True
         self.close_reason = reason
+        self.budget.report(self, 0)
         log.debug("%s: connection closed (%s)", self._who(), "no reason given" if reason is None else reason)
         waiting, self._waiting = self._waiting, {}
         for pending in waiting.values():

@@ -15,6 +15,7 @@ from typing import Any
 
 from .banana import DEFAULT_LIMITS, Limits
 from .broker import Broker, Pending
+from .budget import DEFAULT_BUDGET, MemoryBudget
 from .cred import Anonymous, respond
 from .errors import ConnectionTimedOut, Error, connection_lost_error
 from .flavors import RemoteReference
@@ -34,8 +35,12 @@ class PBServerFactory:
         security: SecurityOptions = globalSecurity,
         limits: Limits = DEFAULT_LIMITS,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        *,
+        budget: MemoryBudget = DEFAULT_BUDGET,
     ) -> None:
         self.root = root
+        #: The process-wide bound on unfinished messages its connections count against (pbcore.budget).
+        self.budget = budget
         self.unsafeTracebacks = unsafeTracebacks
         self.security = security
         self.limits = limits
@@ -51,6 +56,7 @@ class PBServerFactory:
             limits=self.limits,
             unsafe_tracebacks=self.unsafeTracebacks,
             timeouts=self.timeouts,
+            budget=self.budget,
             **adapter_options,
         )
 
@@ -64,7 +70,10 @@ class PBClientFactory:
         security: SecurityOptions = globalSecurity,
         limits: Limits = DEFAULT_LIMITS,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        *,
+        budget: MemoryBudget = DEFAULT_BUDGET,
     ) -> None:
+        self.budget = budget
         self.unsafeTracebacks = unsafeTracebacks
         self.security = security
         self.limits = limits
@@ -81,6 +90,7 @@ class PBClientFactory:
             limits=self.limits,
             unsafe_tracebacks=self.unsafeTracebacks,
             timeouts=self.timeouts,
+            budget=self.budget,
             **adapter_options,
         )
         self._close = close

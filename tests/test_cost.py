@@ -15,6 +15,7 @@ import pytest
 
 from pbcore import banana
 from pbcore.banana import Limits
+from pbcore.budget import MemoryBudget, OverBudget
 from pbcore.errors import BananaError, JellyError
 from pbcore.flavors import Cacheable, CopiedFailure, CopyableFailure, RemoteCache, Root
 from pbcore.isolation import describe
@@ -436,3 +437,40 @@ def test_a_pb_message_at_the_wire_limit_is_within_the_decoded_limit() -> None:
     assert 0.9 * Limits().max_expression_bytes < len(data) < Limits().max_expression_bytes
     (expression,) = banana.decode(data)
     assert isinstance(expression, list) and len(expression) == 50_001
+
+
+# -- the process-wide budget ------------------------------------------------------------
+
+
+def test_a_budget_counts_what_each_holder_holds_now() -> None:
+    budget = MemoryBudget(1000)
+    one, two = object(), object()
+    assert budget.report(one, 600) and budget.report(two, 300)
+    assert budget.held == 900
+    assert not budget.report(two, 500)  # 1100: refused, and withdrawn
+    assert budget.held == 600
+    assert budget.report(one, 100) and budget.report(two, 500)
+    assert budget.report(one, 0) and budget.held == 500
+
+
+def unfinished_call(size: int) -> bytes:
+    """About *size* bytes of a call whose argument is a long list of ints, never finished."""
+    head = b"".join(banana.encode(atom) for atom in [b"message", 1, b"root", b"echo", 1])
+    items = banana.int_to_b128(1000) + b"\x81"
+    return banana.int_to_b128(7) + b"\x80" + head + banana.int_to_b128(600_000) + b"\x80" + items * (size // 3)
+
+
+def test_connections_over_the_process_budget_are_closed_and_the_others_keep_theirs() -> None:
+    budget = MemoryBudget(250_000)
+    pairs = [BrokerPair(server_root=Echo(), budget=budget) for _ in range(3)]
+    pairs[0].server.receive_data(unfinished_call(100_000))
+    pairs[1].server.receive_data(unfinished_call(100_000))
+    assert 200_000 < budget.held < 250_000
+    with pytest.raises(OverBudget, match="holds more than 250000 bytes of unfinished messages"):
+        pairs[2].server.receive_data(unfinished_call(100_000))
+    assert pairs[2].server.closed and not pairs[0].server.closed and not pairs[1].server.closed
+    assert budget.held < 250_000
+    pairs[0].server.connection_lost(None)  # a connection that ends gives back what it held
+    assert budget.held < 150_000
+    # and a new connection has room again
+    BrokerPair(server_root=Echo(), budget=budget).server.receive_data(unfinished_call(100_000))

@@ -455,7 +455,7 @@ def test_a_budget_counts_what_each_holder_holds_now() -> None:
 
 def unfinished_call(size: int) -> bytes:
     """About *size* bytes of a call whose argument is a long list of ints, never finished."""
-    head = b"".join(banana.encode(atom) for atom in [b"message", 1, b"root", b"echo", 1])
+    head = b"".join(banana.encode(atom) for atom in (b"message", 1, b"root", b"echo", 1))
     items = banana.int_to_b128(1000) + b"\x81"
     return banana.int_to_b128(7) + b"\x80" + head + banana.int_to_b128(600_000) + b"\x80" + items * (size // 3)
 

@@ -580,3 +580,80 @@ def test_an_answer_over_the_peer_s_limit_is_an_error_answer_not_a_dropped_connec
     writer.client.receive_data(writer.server.data_to_send())
     assert isinstance(pending.error, CopiedFailure) and "over the limit of 10000" in pending.error.value
     assert not writer.server.closed and not writer.client.closed
+
+
+# -- back-pressure: a peer that does not read ----------------------------------------------
+
+
+class Big(Root):
+    def __init__(self) -> None:
+        self.started = 0
+
+    def remote_big(self) -> bytes:
+        self.started += 1
+        return b"x" * 100_000
+
+
+def test_no_call_starts_while_the_output_is_over_the_high_water_mark() -> None:
+    big = Big()
+    pair = BrokerPair(server_root=big)
+    root = pair.client.root()
+    woken: list[int] = []
+    unwritten = [0]  # what the adapter holds unwritten: the peer is not reading
+
+    def take_output() -> None:
+        unwritten[0] += len(pair.server.data_to_send())
+
+    dispatcher = Dispatcher(
+        pair.server, pair.driver.spawn_call, backlog=lambda: unwritten[0], on_input_wanted=lambda: woken.append(1)
+    )
+    calls = [root.callRemote("big") for _ in range(20)]
+    pair.server.receive_data(pair.client.data_to_send())
+    dispatcher.dispatch(pair.server.events())
+    # 256 KiB of high water, 100 KB answers: the third answer takes it over; nothing more starts.
+    assert big.started == 3 and dispatcher.queued == 17 and dispatcher.output_full
+    take_output()
+    dispatcher.resume()
+    assert big.started == 3  # still unwritten
+    unwritten[0] = 0  # the peer read it all
+    dispatcher.resume()
+    assert big.started == 6 and dispatcher.queued == 14
+    assert not woken  # the queue never reached max_queued_calls
+    del calls
+
+
+def test_reading_stops_while_max_queued_calls_wait_and_resumes_when_they_start() -> None:
+    big = Big()
+    pair = BrokerPair(server_root=big, limits=Limits(max_queued_calls=5, output_high_water=150_000))
+    root = pair.client.root()
+    woken: list[int] = []
+    unwritten = [0]
+    dispatcher = Dispatcher(
+        pair.server, pair.driver.spawn_call, backlog=lambda: unwritten[0], on_input_wanted=lambda: woken.append(1)
+    )
+    for _ in range(8):
+        root.callRemote("big")
+    pair.server.receive_data(pair.client.data_to_send())
+    dispatcher.dispatch(pair.server.events())
+    assert big.started == 2 and dispatcher.queued == 6
+    assert not dispatcher.wants_input  # the adapter reads no more
+    pair.server.data_to_send()  # the adapter took the answers and wrote them
+    dispatcher.resume()
+    assert big.started == 4 and dispatcher.queued == 4
+    assert woken == [1] and dispatcher.wants_input
+
+
+def test_calls_waiting_for_the_output_are_dropped_when_the_connection_ends() -> None:
+    big = Big()
+    pair = BrokerPair(server_root=big)
+    root = pair.client.root()
+    dispatcher = Dispatcher(pair.server, pair.driver.spawn_call, backlog=lambda: 10**9)
+    for _ in range(5):
+        root.callRemote("big")
+    pair.server.receive_data(pair.client.data_to_send())
+    dispatcher.dispatch(pair.server.events())
+    assert big.started == 0 and dispatcher.queued == 5
+    pair.server.connection_lost(None)
+    assert dispatcher.queued == 0
+    dispatcher.resume()
+    assert big.started == 0

@@ -36,6 +36,8 @@ def _instrumentation() -> contextlib.AbstractContextManager[object]:
     return contextlib.nullcontext()
 
 
+from fuzz_cost import within_budget  # noqa: E402 (not instrumented: it is not pbcore)
+
 with _instrumentation():
     from pbcore.banana import Decoder, Sexp, decode, encode
     from pbcore.errors import BananaError, NotJellyable, ProtocolError
@@ -190,7 +192,11 @@ def check(expression: Sexp) -> None:
 
 
 def test_one_input(data: bytes) -> None:
-    """The fuzz target: unjelly every expression *data* holds, and send each value back."""
+    """The fuzz target: unjelly every expression *data* holds, and send each value back, at a linear cost."""
+    within_budget(_unjelly_all, data)
+
+
+def _unjelly_all(data: bytes) -> None:
     decoder = Decoder()
     try:
         decoder.feed(data)

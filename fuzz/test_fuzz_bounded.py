@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import fuzz_banana
+import fuzz_cost
 import fuzz_jelly
 import make_corpus
 import pytest
@@ -263,3 +264,33 @@ def test_known_issue_reproducer(issue: str, monkeypatch: pytest.MonkeyPatch) -> 
     for module in (fuzz_banana, fuzz_jelly):
         monkeypatch.setattr(module, "KNOWN_ISSUES", module.KNOWN_ISSUES - {issue})
     harness(bytes.fromhex(hex_input))
+
+
+# -- the cost check ------------------------------------------------------------
+
+
+def busy(data: bytes) -> None:
+    """A harness that takes a few tens of milliseconds over any input."""
+    assert sum(range(3 * 10**6)) > len(data)
+
+
+def test_an_input_over_its_cpu_budget_is_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fuzz_cost, "CPU_BASE", 0.0)
+    monkeypatch.setattr(fuzz_cost, "CPU_PER_BYTE", 1e-9)
+    with pytest.raises(AssertionError, match=r"an input of 3 bytes cost .* s of CPU \(budget"):
+        fuzz_cost.within_budget(busy, b"abc")
+
+
+def test_an_input_over_its_memory_budget_is_a_finding() -> None:
+    # In a fresh process: the check reads the peak memory, which this test process may have raised.
+    script = (
+        "import fuzz_cost\n"
+        "fuzz_cost.MEMORY_BASE = 2**20\n"
+        "fuzz_cost.MEMORY_PER_BYTE = 0\n"
+        "hog = []\n"
+        "fuzz_cost.within_budget(lambda data: hog.append(b'\\x01' * 2**27), b'abc')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], check=False, cwd=Path(__file__).parent, capture_output=True, timeout=60
+    )
+    assert run.returncode == 1 and b"grew the peak memory by" in run.stderr, run.stderr

@@ -57,7 +57,8 @@ __all__ = [
     "run_series",
 ]
 
-#: Before login (the bomb is ``root.login``'s argument) and after (the avatar's ``echo``).
+#: Before login (the bomb is ``root.login``'s argument) and after (the avatar's ``echo``). A third
+#: phase, ``mid-login``, sends it to the challenger's ``respond`` (after ``login``, before the check).
 PHASES: Final = ("pre-login", "post-login")
 #: Server CPU one attack may use before the server counts as hung (and is killed): the hang
 #: bound, asserted. A defended server refuses a bomb in milliseconds; this is 100 times that.
@@ -139,6 +140,9 @@ def attack(
         if phase == "pre-login":
             target: bytes | int = b"root"
             method = b"login"
+        elif phase == "mid-login":  # the challenger's respond(): still before any password is checked
+            _, target = peer.challenge(USER)
+            method = b"respond"
         else:
             target = peer.login(USER, PASSWORD)
             method = b"echo"
@@ -205,7 +209,7 @@ def attack(
 def _still_serves(peer: RawPeer, phase: str, target: bytes | int) -> str | None:
     """None if a plain call on the attacker's connection is answered, else why not."""
     try:
-        if phase == "pre-login":
+        if phase in ("pre-login", "mid-login"):
             peer.challenge(USER, timeout=5.0)
             return None
         reply = peer.call(target, b"echo", bombs.args(1), timeout=5.0)

@@ -170,12 +170,12 @@ def server_command(name: str) -> list[str]:
 _PORT_LINE: Final = re.compile(rb"PORT (\d+)|listening on [^ ]*:(\d+)")
 
 
-def start_server(name: str, directory: Path) -> ServerProcess:
-    """Start server *name* (one of :data:`SERVERS`) and wait for its port (bounded)."""
+def start_server(name: str, directory: Path, command: Sequence[str] | None = None) -> ServerProcess:
+    """Start server *name* (one of :data:`SERVERS`, or any *command* that writes ``PORT <n>``); wait for its port."""
     log_path = directory / f"{name}-{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            server_command(name),
+            list(command) if command is not None else server_command(name),
             cwd=ROOT,
             env=environment(),
             stdin=subprocess.DEVNULL,

@@ -56,6 +56,12 @@ def test_hash_bomb_is_refused(server_pool: ServerPool, kind: str, phase: str) ->
     check_series(results, DEPTHS, expect=Expect.REFUSAL)
 
 
+def test_hash_bomb_mid_login(server_pool: ServerPool) -> None:
+    """The laughs key as the challenger's respond() argument: still before any password is checked."""
+    results = run_series(server_pool, MATRIX, "mid-login", "dict-key", DEPTHS, expect=Expect.REFUSAL)
+    check_series(results, DEPTHS, expect=Expect.REFUSAL)
+
+
 @pytest.mark.parametrize("phase", PHASES)
 def test_nested_hash_bomb_is_refused(server_pool: ServerPool, phase: str) -> None:
     """The same key written as nested definitions rather than siblings."""

@@ -137,12 +137,14 @@ def attack(
     message_bytes = bombs.message_size(body)
     peer = RawPeer.connect("127.0.0.1", server.port)
     try:
+        call_args = bombs.args(body)
         if phase == "pre-login":
             target: bytes | int = b"root"
             method = b"login"
-        elif phase == "mid-login":  # the challenger's respond(): still before any password is checked
+        elif phase == "mid-login":  # the challenger's respond(response, mind): before any password is checked
             _, target = peer.challenge(USER)
             method = b"respond"
+            call_args = bombs.args(body, bombs.none())
         else:
             target = peer.login(USER, PASSWORD)
             method = b"echo"
@@ -165,7 +167,7 @@ def attack(
                 return None
 
             try:
-                request = peer.send_call(target, method, bombs.args(body))
+                request = peer.send_call(target, method, call_args)
                 reply = peer.wait_reply(request, wall_cap, give_up)
             except NoReply as why:
                 no_reply, hung = str(why), True

@@ -281,7 +281,7 @@ def _copy_tags(sexp: Sexp) -> set[bytes]:
 
 
 #: How much of one value the CLI prints: a value from the peer may expand to 10**20 items.
-SHOW_LIMIT: Final = 1_000_000
+SHOW_LIMIT: Final = 8192
 
 
 def show(value: Any) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pbcore.banana import Sexp, encode
 from pbcore.jelly import jelly
+from tests.hostile import bombs  # the attack suite's generators: one set of bombs for both
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
@@ -93,6 +94,14 @@ def seeds() -> dict[str, bytes]:
         "big-items.bin": _stream(
             [b"x" * 300, 2**447, -(2**447), [[[[[[[[[[]]]]]]]]]], list(range(130))], dialect=b"none"
         ),
+        # Well-formed but expensive (docs/security.md): each must be refused or cheap.
+        "bomb-dict-key.bin": _stream(bombs.dict_key_bomb(64)),
+        "bomb-set-nested.bin": _stream(bombs.set_bomb(40, nested=True)),
+        "bomb-frozenset.bin": _stream(bombs.frozenset_bomb(64)),
+        "bomb-equal-pair.bin": _stream(bombs.equal_pair_bomb(40)),
+        "bomb-failure.bin": _stream(bombs.error(1, bombs.failure_bomb(64))),
+        "bomb-collisions.bin": _stream(bombs.collision_dict(2000), bombs.collision_set(2000)),
+        "bomb-deep-key.bin": _stream(bombs.deep_key(2000)),
         "vocabulary.bin": _stream(
             [word for word in (b"None", b"class", b"dereference", b"reference", b"dictionary", b"version", b"uncache")]
         ),

@@ -289,7 +289,8 @@ class Broker:
                     f"this connection, holding {self._decoder.held}, is closed"
                 )
         except ProtocolError as error:
-            log.info("%s: closing the connection: %s: %s", self._who(), type(error).__name__, error)
+            level = logging.WARNING if isinstance(error, OverBudget) else logging.INFO
+            log.log(level, "%s: closing the connection: %s: %s", self._who(), type(error).__name__, error)
             self.close(error)
             raise
 
@@ -795,6 +796,8 @@ class Broker:
             kwargs = {_keyword(k): v for k, v in kwargs.items()}
         except (Error, JellyError) as error:
             # The connection is fine; this call is not.
+            if isinstance(error, JellyError):  # a peer's mistake, or an attack: the operator may want to know
+                log.info("%s: refused a call of %s: %s: %s", self._who(), method, type(error).__name__, error)
             if answer:
                 self.send_error(request_id, error)
             return

@@ -128,11 +128,11 @@ class Limits:
     ``max_depth`` and ``max_expression_bytes`` are pbcore's own: Twisted has no
     bound on nesting or on a whole expression, so a peer could exhaust the
     stack or the memory. ``max_decoded_bytes`` bounds what an expression
-    costs once decoded, lists counted at about their size in memory: PB
+    costs once decoded, each object counted at about its size in memory: PB
     messages decode to 7-13 times their size on the wire, a stream of tiny
     lists to 70 times. With the defaults one connection's decoder holds at
-    most about 200 MB (25 times ``max_expression_bytes``; docs/security.md
-    has the measurements).
+    most about ``max_decoded_bytes`` (20 times ``max_expression_bytes``;
+    docs/security.md has the measurements).
     """
 
     prefix_limit: int = attrs.field(default=64, validator=_positive)
@@ -142,8 +142,8 @@ class Limits:
     #: Async calls one connection may have running at once; one more is refused with an
     #: error answer (:class:`pbcore.serving.TooManyCalls`), never queued (see pbcore.serving).
     #: What one expression may take once decoded, as the decoder counts it: its bytes, plus
-    #: :data:`LIST_COST` for each list (see docs/security.md for what this bounds).
-    max_decoded_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=_positive)
+    #: what each list, string, int and float costs in memory (:data:`LIST_COST` and after).
+    max_decoded_bytes: int = attrs.field(default=160 * 1024 * 1024, validator=_positive)
     max_running_calls: int = attrs.field(default=10_000, validator=_positive)
     #: Calls received and not started yet (they wait while the connection's output is over
     #: ``output_high_water``, or for an earlier async call's first wait): at this many the
@@ -166,9 +166,15 @@ class Limits:
 
 DEFAULT_LIMITS: Final = Limits()
 
-#: What a decoded list costs beyond its bytes on the wire, for ``Limits.max_decoded_bytes``
-#: (a list object and its slot in its parent; its items are counted as they come).
-LIST_COST: Final = 64
+#: What decoding costs beyond the bytes on the wire, for ``Limits.max_decoded_bytes``, in
+#: bytes of CPython objects (64-bit): a list, plus 8 for each of its items' slots; a byte
+#: string; an int beyond the ones CPython shares; a float. Vocabulary words are shared.
+#: Measured against tracemalloc, the sum is close to what a decoded expression holds
+#: (tests/test_cost.py).
+LIST_COST: Final = 88
+STRING_COST: Final = 40
+INT_COST: Final = 32
+FLOAT_COST: Final = 24
 
 
 def int_to_b128(value: int) -> bytes:
@@ -358,7 +364,7 @@ class Decoder:
         self._pending_len = 0
         self._need = 0  # bytes needed past _pos before parsing can progress
         self._expr_start = 0  # stream offset where the current expression began
-        self._lists_cost = 0  # what the lists of the current expression cost decoded, past their bytes
+        self._cost = 0  # what the current expression costs decoded, beyond its bytes (see _COSTS)
         self._stack: list[tuple[list[Sexp], int]] = []  # open lists and their claimed lengths
         self._failed: BananaError | None = None
         self._header = re.compile(b"[\\x00-\\x7f]{0,%d}[\\x80-\\xff]" % limits.prefix_limit)
@@ -378,7 +384,7 @@ class Decoder:
         """What the unfinished expression costs so far, as ``max_decoded_bytes`` counts (0 at a boundary)."""
         if not self._stack:
             return self.buffered
-        return self._base + self._pos - self._expr_start + self._lists_cost + self.buffered
+        return self._base + self._pos - self._expr_start + self._cost + self.buffered
 
     @property
     def at_boundary(self) -> bool:
@@ -446,100 +452,113 @@ class Decoder:
         stack = self._stack
         if not stack:
             self._expr_start = self._base + pos
-            self._lists_cost = 0
+            self._cost = 0
         expr_start = self._expr_start - self._base  # negative if it began in an earlier buffer
         # While the buffer cannot hold an over-long expression, skip the per-item check.
         check_size = end - expr_start > max_bytes
         top, want = stack[-1] if stack else (None, 0)
         self._need = 0
-        while pos < end:
-            start = pos
-            first = buf[pos]
-            if first & 0x80:
-                kind = first
-                num = 0
-                pos += 1
-            elif pos + 1 < end and buf[pos + 1] & 0x80:
-                kind = buf[pos + 1]
-                num = first
-                pos += 2
-            else:
-                match = self._header.match(buf, pos)
-                if match is None:
-                    if end - pos > limits.prefix_limit:
-                        raise self._fail(start, f"prefix longer than the limit of {limits.prefix_limit} bytes")
-                    self._need = end - pos + 1
-                    return None, start
-                pos = match.end()
-                kind = buf[pos - 1]
-                num = b128_to_int(buf[start : pos - 1])
+        cost = self._cost  # a local in the loop; stored back however the loop ends
+        try:
+            while pos < end:
+                start = pos
+                first = buf[pos]
+                if first & 0x80:
+                    kind = first
+                    num = 0
+                    pos += 1
+                elif pos + 1 < end and buf[pos + 1] & 0x80:
+                    kind = buf[pos + 1]
+                    num = first
+                    pos += 2
+                else:
+                    match = self._header.match(buf, pos)
+                    if match is None:
+                        if end - pos > limits.prefix_limit:
+                            raise self._fail(start, f"prefix longer than the limit of {limits.prefix_limit} bytes")
+                        self._need = end - pos + 1
+                        return None, start
+                    pos = match.end()
+                    kind = buf[pos - 1]
+                    num = b128_to_int(buf[start : pos - 1])
 
-            item: Sexp
-            if kind == STRING:  # the commonest item, so tested first
-                stop = pos + num
-                if stop > end or num > size_limit:
+                item: Sexp
+                if kind == STRING:  # the commonest item, so tested first
+                    stop = pos + num
+                    if stop > end or num > size_limit:
+                        if num > size_limit:
+                            raise self._fail(
+                                start, f"byte string of {num} bytes is over the size limit of {size_limit}"
+                            )
+                        # Refuse an over-long claim now, rather than after buffering it.
+                        if stop - expr_start > max_bytes:
+                            raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
+                        self._need = stop - start
+                        return None, start
+                    item = buf[pos:stop]
+                    pos = stop
+                    cost += STRING_COST
+                elif kind == LIST:
                     if num > size_limit:
-                        raise self._fail(start, f"byte string of {num} bytes is over the size limit of {size_limit}")
-                    # Refuse an over-long claim now, rather than after buffering it.
-                    if stop - expr_start > max_bytes:
-                        raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
-                    self._need = stop - start
-                    return None, start
-                item = buf[pos:stop]
-                pos = stop
-            elif kind == LIST:
-                if num > size_limit:
-                    raise self._fail(start, f"list of {num} items is over the size limit of {size_limit}")
-                if len(stack) >= max_depth:  # the encoder's rule: no list at depth max_depth
-                    raise self._fail(start, f"lists nested deeper than the limit of {max_depth}")
-                # A list is 1 or 2 bytes on the wire and about 70 once decoded: counted, so that
-                # a stream of lists cannot take 70 times max_expression_bytes.
-                self._lists_cost += LIST_COST
-                if pos - expr_start + self._lists_cost > max_decoded:
-                    raise self._fail(
-                        start,
-                        f"expression over the limit of {max_decoded} bytes decoded (Limits.max_decoded_bytes;"
-                        f" each list counts {LIST_COST} bytes more than its size on the wire)",
-                    )
-                if num:
-                    top = []
-                    want = num
-                    stack.append((top, want))
-                    continue
-                item = []
-            elif kind == VOCAB:
-                if vocabulary is None:
-                    raise self._fail(start, "vocabulary item outside the pb dialect")
-                word = vocabulary.get(num)
-                if word is None:
-                    raise self._fail(start, f"unknown vocabulary index {num}")
-                item = word
-            elif kind in _POSITIVE:
-                item = num
-            elif kind in _NEGATIVE:
-                item = -num
-            elif kind == FLOAT:
-                if pos + 8 > end:
-                    self._need = pos + 8 - start
-                    return None, start
-                item = _unpack_double(buf, pos)[0]
-                pos += 8
-            else:
-                raise self._fail(start, f"unknown type byte 0x{kind:02x}")
+                        raise self._fail(start, f"list of {num} items is over the size limit of {size_limit}")
+                    if len(stack) >= max_depth:  # the encoder's rule: no list at depth max_depth
+                        raise self._fail(start, f"lists nested deeper than the limit of {max_depth}")
+                    # A list is 1 or 2 bytes on the wire and 88 or more once decoded: counted (with
+                    # what the items before it cost), so that a stream of lists cannot take 70 times
+                    # max_expression_bytes. Checked here, where the cost grows most.
+                    cost += LIST_COST + 8 * num
+                    if pos - expr_start + cost > max_decoded:
+                        raise self._fail(
+                            start,
+                            f"expression over the limit of {max_decoded} bytes decoded (Limits.max_decoded_bytes;"
+                            " see pbcore.banana.LIST_COST)",
+                        )
+                    if num:
+                        top = []
+                        want = num
+                        stack.append((top, want))
+                        continue
+                    item = []
+                elif kind == VOCAB:
+                    if vocabulary is None:
+                        raise self._fail(start, "vocabulary item outside the pb dialect")
+                    word = vocabulary.get(num)
+                    if word is None:
+                        raise self._fail(start, f"unknown vocabulary index {num}")
+                    item = word
+                elif kind in _POSITIVE:
+                    item = num
+                    if num > 256:  # CPython shares the ints from -5 to 256
+                        cost += INT_COST
+                elif kind in _NEGATIVE:
+                    item = -num
+                    if num > 5:
+                        cost += INT_COST
+                elif kind == FLOAT:
+                    if pos + 8 > end:
+                        self._need = pos + 8 - start
+                        return None, start
+                    item = _unpack_double(buf, pos)[0]
+                    pos += 8
+                    cost += FLOAT_COST
+                else:
+                    raise self._fail(start, f"unknown type byte 0x{kind:02x}")
 
-            if check_size and pos - expr_start > max_bytes:
-                raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
-            # Put the item in its list; a list that is now full is itself an item.
-            while top is not None:
-                top.append(item)
-                if len(top) < want:
-                    break
-                stack.pop()
-                item = top
-                top, want = stack[-1] if stack else (None, 0)
-            else:
-                return item, pos
-        return None, pos
+                if check_size and pos - expr_start > max_bytes:
+                    raise self._fail(start, f"expression longer than the limit of {max_bytes} bytes")
+                # Put the item in its list; a list that is now full is itself an item.
+                while top is not None:
+                    top.append(item)
+                    if len(top) < want:
+                        break
+                    stack.pop()
+                    item = top
+                    top, want = stack[-1] if stack else (None, 0)
+                else:
+                    return item, pos
+            return None, pos
+        finally:
+            self._cost = cost
 
 
 def decode(data: bytes, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> list[Sexp]:

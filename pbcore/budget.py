@@ -31,8 +31,9 @@ class MemoryBudget:
     """Bytes held in unfinished messages, across every connection that reports to it, and their limit.
 
     *limit* is in the decoder's units (``Limits.max_decoded_bytes``: a
-    message's bytes, plus 64 for each list); the memory behind it is at most
-    about twice that. ``MemoryBudget(None)`` counts without a limit.
+    message's bytes, plus what each object decoded from it takes), which are
+    within a few tens of percent of the memory held. ``MemoryBudget(None)``
+    counts without a limit.
     """
 
     def __init__(self, limit: int | None) -> None:

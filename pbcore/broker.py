@@ -350,6 +350,8 @@ class Broker:
             return
         self.closed = True
         self.close_reason = reason
+        # Let go of a message half received now, not when the adapter drops the broker.
+        self._decoder = Decoder(b"none", self.limits)
         self.budget.report(self, 0)
         log.debug("%s: connection closed (%s)", self._who(), "no reason given" if reason is None else reason)
         waiting, self._waiting = self._waiting, {}

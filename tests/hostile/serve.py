@@ -5,7 +5,8 @@ ADAPTER is ``asyncio``, ``trio``, ``anyio`` (on its asyncio backend) or
 with one user, alice: its root answers ``echo`` and the login methods (a
 :mod:`pbcore.cred` portal wrapper), and an avatar answers ``echo`` too. It
 writes ``PORT <n>`` on standard output once it listens, then serves until it
-is killed. Warnings go to standard error.
+is killed. Warnings go to standard error. ``PBCORE_HOSTILE_BUDGET`` in the
+environment sets its process-wide memory budget.
 
 ``pbcore serve`` (the fifth server of the suite) is started as it is, with
 ``--user alice --password-env``: see :mod:`tests.hostile.processes`.
@@ -15,15 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from typing import Final
 
+from pbcore.budget import MemoryBudget
 from pbcore.demo import DemoService
 from pbcore.factory import PBServerFactory
 
 USER: Final = "alice"
 PASSWORD: Final = "s3cret"
 ADAPTERS: Final = ("asyncio", "trio", "anyio", "blocking")
+#: If set, the server's process-wide MemoryBudget, in bytes (pbcore.budget).
+BUDGET_VARIABLE: Final = "PBCORE_HOSTILE_BUDGET"
 
 
 def _announce(port: int) -> None:
@@ -71,6 +76,9 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     factory = DemoService({USER: PASSWORD}, open=True).server_factory()
+    budget = os.environ.get(BUDGET_VARIABLE)
+    if budget:  # the memory tests' own process-wide budget
+        factory.budget = MemoryBudget(int(budget))
     adapter = argv[0]
     if adapter == "asyncio":
         asyncio.run(_asyncio(factory))

@@ -382,6 +382,9 @@ class Broker:
         if hook is not None:
             run_isolated(log, "the adapter's output hook", hook)
 
+    def __preview__(self, limit: int) -> str:
+        return f"<Broker {'client' if self.is_client else 'server'} {self._who()}>"
+
     def _who(self) -> str:
         return "peer" if self.peer is None else f"peer {self.peer}"
 

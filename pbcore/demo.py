@@ -47,6 +47,7 @@ from .errors import Error
 from .factory import PBServerFactory
 from .flavors import Cacheable, Copyable, Referenceable, RemoteCache, RemoteCacheObserver, RemoteCopy, Viewable
 from .jelly import setUnjellyableForClass
+from .preview import PREVIEW_LIMIT, preview
 
 __all__ = [
     "DEFAULT_PORT",
@@ -92,8 +93,12 @@ class NoteCopy(RemoteCopy):
     text: str
     author: str
 
+    def __preview__(self, limit: int) -> str:
+        # The fields came from the peer: shown bounded (see pbcore.preview), here and in repr.
+        return f"Note({preview(self.text, limit)}, by {preview(self.author, 100)})"
+
     def __repr__(self) -> str:
-        return f"Note({self.text!r}, by {self.author!r})"
+        return self.__preview__(PREVIEW_LIMIT)
 
 
 class Ticker(Cacheable):
@@ -132,8 +137,11 @@ class TickerCache(RemoteCache):
     def observe_tick(self, value: int) -> None:
         self.value = value
 
+    def __preview__(self, limit: int) -> str:
+        return f"Ticker(value={preview(self.value, limit)})"
+
     def __repr__(self) -> str:
-        return f"Ticker(value={self.value})"
+        return self.__preview__(PREVIEW_LIMIT)
 
 
 setUnjellyableForClass(NOTE_TAG, NoteCopy)

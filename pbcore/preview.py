@@ -60,10 +60,11 @@ class _Out:
 def preview(value: object, limit: int = PREVIEW_LIMIT) -> str:
     """A repr-like text of *value*, at most about *limit* characters, built in O(limit) steps.
 
-    Containers are walked only as far as the text goes; anything else than
-    the built-in value types is shown by its type's name, never by its own
-    ``__repr__`` (which is application code and may walk the whole value),
-    unless its class has a ``__preview__(self, limit) -> str`` method.
+    Containers are walked only as far as the text goes. An instance is shown
+    as ``Name(attribute=value, ...)`` from its ``__dict__`` (or by its type's
+    name), never by its own ``__repr__``, which is application code and may
+    walk the whole value; a class can show itself with a
+    ``__preview__(self, limit) -> str`` method.
     """
     out = _Out(max(limit, 1))
     _walk(value, out, 0)
@@ -86,6 +87,9 @@ def _walk(value: object, out: _Out, level: int) -> bool:
         own = getattr(kind, "__preview__", None)
         if own is not None:  # a class that knows how to show itself within a budget
             return out.put(own(value, out.left))
+        state = getattr(value, "__dict__", None)
+        if type(state) is dict and level < _MAX_LEVELS:
+            return _instance(kind.__qualname__, state, out, level)
         return out.put(f"<{kind.__module__}.{kind.__qualname__} object>")
     if not value and (kind is set or kind is frozenset):
         return out.put(f"{kind.__name__}()")
@@ -109,6 +113,19 @@ def _walk(value: object, out: _Out, level: int) -> bool:
     if kind is tuple and len(value) == 1:  # type: ignore[arg-type]
         out.put(",")
     return out.put(closing)
+
+
+def _instance(name: str, state: dict[str, Any], out: _Out, level: int) -> bool:
+    """An instance as ``Name(attribute=value, ...)``, from its ``__dict__`` (a copy's state)."""
+    if not out.put(name + "("):
+        return False
+    for index, (key, item) in enumerate(state.items()):
+        if index and not out.put(", "):
+            return False
+        label = key if type(key) is str and key.isidentifier() else preview(key, 40)
+        if not (out.put(label + "=") and _walk(item, out, level + 1)):
+            return False
+    return out.put(")")
 
 
 # The __str__ methods that render the exception's arguments (KeyError's with repr).

@@ -354,7 +354,7 @@ class Connection(asyncio.BufferedProtocol):
         # come: go on while the output is under the high-water mark.
         dispatcher = self._dispatcher
         assert dispatcher is not None
-        while dispatcher.queued and not dispatcher.output_full and not broker.closed:
+        while dispatcher.queued and not dispatcher.output_full and not broker.closed and not transport.is_closing():
             queued = dispatcher.queued
             busy, self._busy = self._busy, True  # the answers go out in one write, below
             try:

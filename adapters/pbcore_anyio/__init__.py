@@ -23,9 +23,12 @@ it (``anyio.move_on_after``, ``fail_after``) forgets the call, so a late
 answer is dropped. Served ``async`` methods are anyio code, one task each.
 
 Everything else is the core's: :class:`pbcore.serving.Dispatcher` starts the
-calls, answers them and cancels them when the connection ends. This module
-moves bytes, runs the tasks it is handed, stops reading from a peer while more
-than :data:`HIGH_WATER` bytes to it are unwritten, and closes.
+calls, answers them and cancels them when the connection ends; it starts no
+call while more than the broker's ``Limits.output_high_water`` bytes are
+unwritten (this module's backlog counted). This module moves bytes, runs the
+tasks it is handed, starts the calls that waited once its writer has written
+some, stops reading from a peer while that much is unwritten or while the
+dispatcher holds ``Limits.max_queued_calls`` calls, and closes.
 
 Timers are the core's too: each connection runs its broker's
 :class:`pbcore.timers.ConnectionTimers` (``connection.timers``) on
@@ -57,6 +60,7 @@ import anyio
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, TaskStatus
 from anyio.streams.tls import TLSStream
 
+from pbcore.banana import DEFAULT_LIMITS
 from pbcore.broker import Broker, PendingCall
 from pbcore.errors import ProtocolError
 from pbcore.factory import PBClientFactory, PBServerFactory
@@ -80,8 +84,9 @@ __all__ = [
 
 #: Bytes read at a time.
 CHUNK = 64 * 1024
-#: Above this many unwritten bytes a connection stops reading; also the most written at once.
-HIGH_WATER = 256 * 1024
+#: The default ``Limits.output_high_water``: above that many unwritten bytes a connection stops
+#: reading and starting calls; also the most written at once. (Each connection uses its broker's.)
+HIGH_WATER = DEFAULT_LIMITS.output_high_water
 #: How long a client leaving its ``async with`` block waits for its queued bytes to be written.
 CLOSE_TIMEOUT = 5.0
 #: How long a TLS handshake may take.
@@ -176,6 +181,7 @@ class Connection:
         self._outgoing = bytearray()
         self._wanted = anyio.Event()  # set: the writer has bytes to write
         self._written = anyio.Event()  # set: the writer wrote some
+        self._input_wanted = anyio.Event()  # set: the dispatcher, having held too many calls, wants more
         self._closed = anyio.Event()
         self._scope = anyio.CancelScope()
         self._write_scope = anyio.CancelScope()  # bounds the last writes once the broker closed itself
@@ -194,12 +200,21 @@ class Connection:
         raw = stream.extra(SocketAttribute.raw_socket, None)
         if keepalive is not None and raw is not None:
             keepalive.apply(raw, socket)
-        self.dispatcher = Dispatcher(self.broker, self._spawn)
+        self._high_water = self.broker.limits.output_high_water
+        self.dispatcher = Dispatcher(
+            self.broker, self._spawn, backlog=self._unwritten, on_input_wanted=self._want_input
+        )
 
     @property
     def backlog(self) -> int:
         """Bytes queued for the peer and not written yet."""
         return len(self._outgoing)
+
+    def _unwritten(self) -> int:
+        return len(self._outgoing)  # the dispatcher's backlog (a bound method is cheaper than the property)
+
+    def _want_input(self) -> None:
+        self._input_wanted.set()
 
     @property
     def closed(self) -> bool:
@@ -279,9 +294,21 @@ class Connection:
                 self._written = anyio.Event()
             await self._written.wait()
 
+    async def _wait_to_read(self) -> None:
+        # Read nothing more while the peer does not read what it is sent, or
+        # while the dispatcher holds as many calls as it may.
+        while not self._stopping:
+            if len(self._outgoing) > self._high_water:
+                await self._wait_written(self._high_water)
+            elif not self.dispatcher.wants_input:
+                wanted = self._input_wanted = anyio.Event()
+                await wanted.wait()
+            else:
+                return
+
     async def _reader(self) -> None:
         while True:
-            await self._wait_written(HIGH_WATER)  # the peer does not read: neither do we
+            await self._wait_to_read()
             try:
                 data = await self.stream.receive(CHUNK)
             except anyio.EndOfStream:
@@ -346,7 +373,7 @@ class Connection:
                 # over, for callRemote records a pbtimeout only after queueing the call (and calling the hook).
                 self._poll()
                 while self._outgoing:
-                    chunk = bytes(self._outgoing[:HIGH_WATER])
+                    chunk = bytes(self._outgoing[: self._high_water])
                     try:
                         await self.stream.send(chunk)
                     except _STREAM_ERRORS as error:
@@ -354,6 +381,10 @@ class Connection:
                         return
                     del self._outgoing[: len(chunk)]
                     self._written.set()
+                    if self.dispatcher.queued:
+                        # Start the calls that waited for the output to drain (their answers, if plain, join
+                        # _outgoing now and go out in this loop).
+                        self.dispatcher.resume()
                     if self._wanted.is_set():  # output queued during a slow send: armed now, not after the backlog
                         self._poll()
                 if self.broker.closed:

@@ -102,9 +102,13 @@ class Connection(asyncio.BufferedProtocol):
     served calls still running are cancelled); ``await wait_closed()``;
     ``async with connection:`` closes on exit.
 
-    Back-pressure: while the transport's write buffer is over its high-water
-    mark (the peer does not read what it is sent), nothing more is read from
-    that peer.
+    Back-pressure: the transport's write buffer pauses at the broker's
+    ``Limits.output_high_water``, which is also where the dispatcher stops
+    starting calls (it counts that buffer and the batch held, see
+    :mod:`pbcore.serving`). Nothing more is read from the peer while writing is
+    paused (the peer does not read what it is sent) or while the dispatcher
+    holds ``Limits.max_queued_calls`` calls; the calls waiting start as the
+    output drains.
     """
 
     def __init__(self, make_broker: Callable[..., Broker], server: Server | None = None) -> None:
@@ -121,6 +125,8 @@ class Connection(asyncio.BufferedProtocol):
         self._deadline: float | None = None  # when the wake-up below is due
         self._wake: asyncio.TimerHandle | None = None  # the one pending timers' wake-up
         self._busy = False  # feeding the broker: its output is written at the end
+        self._writing_paused = False  # the transport's write buffer is over its high-water mark
+        self._reading = True  # what _update_reading last told the transport
         self._flush_scheduled = False
         # Output taken from the broker as soon as it is queued (so that it
         # survives the broker closing itself), written once per batch.
@@ -166,7 +172,11 @@ class Connection(asyncio.BufferedProtocol):
         if keepalive is not None and sock is not None:
             keepalive.apply(sock, socket)
         self._timers = ConnectionTimers(broker)
-        self._dispatcher = Dispatcher(broker, self._spawn)
+        # The transport pauses writing where the dispatcher stops starting calls: one figure, the core's.
+        self.transport.set_write_buffer_limits(high=broker.limits.output_high_water)
+        self._dispatcher = Dispatcher(
+            broker, self._spawn, backlog=self._unwritten, on_input_wanted=self._update_reading
+        )
         server = self._server
         if server is not None:
             log.debug("accepted a connection from %s", self.peer)
@@ -208,6 +218,8 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             self._busy = False
         self._flush()
+        if not dispatcher.wants_input:
+            self._update_reading()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: PB has no half-open state
@@ -230,12 +242,28 @@ class Connection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         # The peer is not reading: read no more of its requests, so that
         # answers cannot pile up in the write buffer.
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._writing_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._writing_paused = False
+        self._update_reading()
+        self._schedule_flush()  # which starts the calls that waited for the output to drain
+
+    def _update_reading(self) -> None:
+        # The one place that pauses and resumes reading, for both reasons: the
+        # peer does not read (writing paused), or the dispatcher holds as many
+        # calls as it may (it calls this again once they have started).
+        transport, dispatcher = self.transport, self._dispatcher
+        if transport is None or dispatcher is None or transport.is_closing():
+            return
+        wanted = not self._writing_paused and dispatcher.wants_input
+        if wanted != self._reading:
+            self._reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -320,11 +348,36 @@ class Connection(asyncio.BufferedProtocol):
             return
         if transport.is_closing():
             return
+        self._write(transport, broker)
+        # The output has drained (some): start the calls that waited for it. A
+        # write the kernel took whole pauses nothing, so no resume_writing would
+        # come: go on while the output is under the high-water mark.
+        dispatcher = self._dispatcher
+        assert dispatcher is not None
+        while dispatcher.queued and not dispatcher.output_full and not broker.closed and not transport.is_closing():
+            queued = dispatcher.queued
+            busy, self._busy = self._busy, True  # the answers go out in one write, below
+            try:
+                dispatcher.resume()
+            finally:
+                self._busy = busy
+            self._write(transport, broker)
+            if dispatcher.queued >= queued:
+                break  # they wait for an async call's first step, not for the output
+        if broker.closed:
+            self._close_transport()
+
+    def _write(self, transport: asyncio.Transport, broker: Broker) -> None:
         held = self._held
         held += broker.data_to_send()  # and the releases queued from other threads
         if held:
             self._held = bytearray()  # the transport may keep the one it is given
             transport.write(held)
+
+    def _unwritten(self) -> int:
+        # The dispatcher's backlog: what this side holds unwritten (the broker's own output it counts itself).
+        transport = self.transport
+        return len(self._held) + (0 if transport is None else transport.get_write_buffer_size())
 
     def _close_transport(self) -> None:
         transport = self.transport
@@ -381,8 +434,11 @@ class Connection(asyncio.BufferedProtocol):
             self._close_transport()
             return
         self._held += broker.data_to_send()
-        if not self._busy and not self._flush_scheduled:
-            # One write for everything queued until then (a window of calls).
+        if not self._busy:
+            self._schedule_flush()  # one write for everything queued until then (a window of calls)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
@@ -394,9 +450,8 @@ class Connection(asyncio.BufferedProtocol):
         if threading.get_ident() != self._loop_thread:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._flush)
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        else:
+            self._schedule_flush()
 
 
 # -- servers -------------------------------------------------------------------------------------

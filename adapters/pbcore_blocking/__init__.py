@@ -23,6 +23,15 @@ blocks the calling thread until the answer arrives (or the timeout expires:
 the call is then cancelled and a late answer dropped); it waits without
 holding the lock. ``timeout=None`` means no timeout, as for sockets.
 
+Back-pressure: this adapter holds no output of its own (the holder of the
+lock writes what the broker has, synchronously), so the dispatcher stops
+starting calls once the broker holds ``Limits.output_high_water`` bytes of
+answers; they are written, and the reader starts the calls that waited, and
+writes again, until none waits. Only then does it read more: it never reads
+while the dispatcher holds calls, let alone ``Limits.max_queued_calls``. A
+peer that does not read holds the reader in its write (for up to the write
+timeout) with at most that much of its answers built.
+
 A reference collected by the garbage collector, in any thread, queues a decref
 and wakes its connection up. The wake-up never waits for a lock: it sends at
 once if the lock is free, else it leaves a flag, and the holder (even the same
@@ -475,6 +484,7 @@ class BlockingConnection:
                             reason = error  # the broker has closed (and logged why): close this connection only
                             break
                         self._serve()
+                    self._start_waiting()  # before reading more
                 finally:
                     self._busy = False  # after the flush: the answers are out
                     self._notify()
@@ -491,6 +501,23 @@ class BlockingConnection:
         # Holding the lock: start the calls that arrived, resume the coroutines their answers woke.
         self.dispatcher.dispatch(self.broker.events())
         self._driver.run_ready()
+
+    def _start_waiting(self) -> None:
+        """In the reader: start the calls that waited for the output to drain, until none waits.
+
+        Leaving :meth:`_hold` writes what the broker has, and waits until it
+        is written: each round starts calls until their answers are over the
+        high-water mark again. (A round that starts none would wait for an
+        async call's first step, which the driver takes at once.)
+        """
+        dispatcher = self.dispatcher
+        while dispatcher.queued and not self._stopping:
+            queued = dispatcher.queued
+            with self._hold():
+                dispatcher.resume()
+                self._driver.run_ready()
+            if dispatcher.queued >= queued:
+                break
 
     def _readable(self, wait: float) -> bool:
         """Wait up to *wait* seconds for input (or the end); whether there is some."""

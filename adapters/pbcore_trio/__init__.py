@@ -40,10 +40,12 @@ on trio, so everything here works unchanged under ``anyio.run(...,
 backend="trio")``).
 
 Memory stays bounded when a peer stops reading: bytes go out through the
-stream's ``send_all`` up to :data:`HIGH_WATER` at a time, and while more than
-:data:`HIGH_WATER` bytes wait to be written this side stops reading from that
-peer (the calls already read still start: see :mod:`pbcore.serving` for why a
-call never waits). A peer that sends garbage gets its own connection closed;
+stream's ``send_all`` up to the broker's ``Limits.output_high_water`` at a
+time; while more than that waits to be written no further call starts (the
+dispatcher counts this backlog, see :mod:`pbcore.serving`) and this side
+stops reading from that peer, as it does while the dispatcher holds
+``Limits.max_queued_calls`` calls; the writer starts the calls that waited
+as the backlog drains. A peer that sends garbage gets its own connection closed;
 the others go on. When the broker closes itself (the application called its
 ``connection_lost``, or a peer asked for too many references), nothing more is
 read, what was queued before goes out (for up to :data:`CLOSE_TIMEOUT`
@@ -82,6 +84,7 @@ from typing import Any
 
 import trio
 
+from pbcore.banana import DEFAULT_LIMITS
 from pbcore.broker import Broker
 from pbcore.errors import ProtocolError
 from pbcore.factory import PBClientFactory, PBServerFactory
@@ -107,8 +110,9 @@ __all__ = [
 
 #: Bytes read at a time.
 CHUNK = 64 * 1024
-#: Above this many unwritten bytes, a connection stops reading; also the most written at once.
-HIGH_WATER = 256 * 1024
+#: The default ``Limits.output_high_water``: above that many unwritten bytes a connection stops
+#: reading and starting calls; also the most written at once. (Each connection uses its broker's.)
+HIGH_WATER = DEFAULT_LIMITS.output_high_water
 #: How long :meth:`Connection.aclose` (and a broker that closed itself) waits for queued bytes to be written.
 CLOSE_TIMEOUT = 5.0
 #: How long accepting pauses after it failed (out of file descriptors, say): from the first
@@ -195,6 +199,7 @@ class Connection:
         self._progress = trio.Event()  # set (and replaced) by the writer after each chunk; set when stopping
         self._calls_done = trio.Event()  # set (and replaced) when the last served call running ends
         self._call_started = trio.Event()  # set (and replaced) when a spawned call takes its first step
+        self._input_wanted = trio.Event()  # set when the dispatcher, having held too many calls, wants more
         self._unstarted = 0  # calls spawned that have not taken their first step
         self._nursery: trio.Nursery | None = None  # where the calls run
         self._scope = trio.CancelScope()  # everything: closing at once
@@ -226,13 +231,22 @@ class Connection:
         if keepalive is not None and sock is not None:
             keepalive.apply(sock, socket)  # the kernel's keepalive too, when asked
         self._unpolled = False  # output taken since the last poll (a call's deadline to arm, maybe)
+        self._high_water = self.broker.limits.output_high_water
         #: Runs the calls the peer makes (``dispatcher.running``: the async ones running now).
-        self.dispatcher = Dispatcher(self.broker, self._spawn)
+        self.dispatcher = Dispatcher(
+            self.broker, self._spawn, backlog=self._unwritten, on_input_wanted=self._want_input
+        )
 
     @property
     def backlog(self) -> int:
         """Bytes queued for the peer and not written yet."""
         return len(self._outgoing)
+
+    def _unwritten(self) -> int:
+        return len(self._outgoing)  # the dispatcher's backlog (a bound method is cheaper than the property)
+
+    def _want_input(self) -> None:
+        self._input_wanted.set()
 
     def close(self) -> None:
         """Close now (unwritten bytes are dropped; pending calls fail with PBConnectionLost)."""
@@ -361,9 +375,21 @@ class Connection:
             else:
                 return
 
+    async def _wait_to_read(self) -> None:
+        # Read nothing more while the peer does not read what it is sent, or
+        # while the dispatcher holds as many calls as it may.
+        while not self._stopping:
+            if len(self._outgoing) > self._high_water:
+                await self._wait_backlog(self._high_water)
+            elif not self.dispatcher.wants_input:
+                wanted = self._input_wanted = trio.Event()
+                await wanted.wait()
+            else:
+                return
+
     async def _reader(self) -> None:
         while True:
-            await self._wait_backlog(HIGH_WATER)
+            await self._wait_to_read()
             try:
                 data = await self.stream.receive_some(CHUNK)
             except _STREAM_ERRORS as error:
@@ -450,7 +476,7 @@ class Connection:
                 # deadlines of the calls just made. Once, here, for a batch of output.
                 self._poll()
             while self._outgoing:
-                chunk = self._outgoing[:HIGH_WATER]  # a large message in one send
+                chunk = self._outgoing[: self._high_water]  # a large message in one send
                 try:
                     await self.stream.send_all(chunk)
                 except _STREAM_ERRORS as error:
@@ -459,6 +485,10 @@ class Connection:
                 del self._outgoing[: len(chunk)]
                 self._progress.set()
                 self._progress = trio.Event()
+                if self.dispatcher.queued:
+                    # Start the calls that waited for the output to drain (their answers, if plain, join
+                    # _outgoing now and go out in this loop).
+                    self.dispatcher.resume()
 
 
 def _socket_of(obj: Any) -> Any:

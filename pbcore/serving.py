@@ -211,6 +211,7 @@ class Dispatcher:
         self._backlog = backlog
         self._on_input_wanted = on_input_wanted
         self._reader_waits = False  # wants_input said False; on_input_wanted is owed
+        self._refusing = False  # a TooManyCalls warning was logged; quiet until a call is accepted again
         #: The async calls running now.
         self.running: set[CallTask] = set()
         self._queue: collections.deque[CallReceived] = collections.deque()
@@ -294,10 +295,18 @@ class Dispatcher:
             if close is not None:
                 close()
             refusal = TooManyCalls(f"refused {event.method}: {limit} calls of this connection are already running")
-            log.warning("%s: %s", _peer(broker), refusal)
+            # One warning while the connection stays at its limit: a flood must not flood the log.
+            if not self._refusing:
+                self._refusing = True
+                log.warning(
+                    "%s: %s (the next refusals while it stays full are logged at DEBUG)", _peer(broker), refusal
+                )
+            else:
+                log.debug("%s: %s", _peer(broker), refusal)
             if event.answer_required:
                 broker.send_error(event.request_id, refusal)
             return None
+        self._refusing = False
         task = CallTask(self, event, result)
         self.running.add(task)
         return task

@@ -657,3 +657,19 @@ def test_calls_waiting_for_the_output_are_dropped_when_the_connection_ends() -> 
     assert dispatcher.queued == 0
     dispatcher.resume()
     assert big.started == 0
+
+
+def test_a_flood_of_refused_calls_is_one_warning(records: pytest.LogCaptureFixture) -> None:
+    pair, server, root = pair_with_server(limits=Limits(max_running_calls=2))
+    for _ in range(50):
+        root.callRemote("wait")
+    pair.pump()
+    warned = [r for r in records.records if r.levelno == logging.WARNING and "refused wait" in r.getMessage()]
+    quiet = [r for r in records.records if r.levelno == logging.DEBUG and "refused wait" in r.getMessage()]
+    assert len(warned) == 1 and len(quiet) == 47
+    server.forever[0].resolve(None)  # a slot frees, a call is accepted: the next refusal warns again
+    pair.pump()
+    root.callRemote("wait")
+    root.callRemote("wait")
+    pair.pump()
+    assert len([r for r in records.records if r.levelno == logging.WARNING and "refused" in r.getMessage()]) == 2

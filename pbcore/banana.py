@@ -127,12 +127,12 @@ class Limits:
     ints below 2**448 in magnitude; 640 KiB for one list or byte string).
     ``max_depth`` and ``max_expression_bytes`` are pbcore's own: Twisted has no
     bound on nesting or on a whole expression, so a peer could exhaust the
-    stack or the memory. ``max_decoded_bytes`` bounds what an expression
-    costs once decoded, each object counted at about its size in memory: PB
-    messages decode to 7-13 times their size on the wire, a stream of tiny
-    lists to 70 times. With the defaults one connection's decoder holds at
-    most about ``max_decoded_bytes`` (20 times ``max_expression_bytes``;
-    docs/security.md has the measurements).
+    stack or the memory. ``max_decoded_bytes`` bounds what an expression's
+    objects take once decoded (PB messages decode to 7-13 times their size on
+    the wire, a stream of tiny lists to 70 times), counted as an upper bound
+    as each list is complete. With the defaults one connection's
+    decoder holds at most about 115 MB (docs/security.md has the
+    measurements).
     """
 
     prefix_limit: int = attrs.field(default=64, validator=_positive)
@@ -141,8 +141,8 @@ class Limits:
     max_expression_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
     #: Async calls one connection may have running at once; one more is refused with an
     #: error answer (:class:`pbcore.serving.TooManyCalls`), never queued (see pbcore.serving).
-    #: What one expression may take once decoded, as the decoder counts it: its bytes, plus
-    #: what each list, string, int and float costs in memory (:data:`LIST_COST` and after).
+    #: What the objects decoded from one expression may take, as the decoder counts them
+    #: when each list is complete (:data:`LIST_COST`, :data:`ITEM_COST`).
     max_decoded_bytes: int = attrs.field(default=160 * 1024 * 1024, validator=_positive)
     max_running_calls: int = attrs.field(default=10_000, validator=_positive)
     #: Calls received and not started yet (they wait while the connection's output is over
@@ -167,14 +167,16 @@ class Limits:
 DEFAULT_LIMITS: Final = Limits()
 
 #: What decoding costs beyond the bytes on the wire, for ``Limits.max_decoded_bytes``, in
-#: bytes of CPython objects (64-bit): a list, plus 8 for each of its items' slots; a byte
-#: string; an int beyond the ones CPython shares; a float. Vocabulary words are shared.
-#: Measured against tracemalloc, the sum is close to what a decoded expression holds
-#: (tests/test_cost.py).
-LIST_COST: Final = 88
-STRING_COST: Final = 40
-INT_COST: Final = 32
-FLOAT_COST: Final = 24
+#: bytes of CPython objects (64-bit), counted when a list is complete: the list itself,
+#: and for each item a slot and the largest object an item other than a list can be (a
+#: short byte string; an int or a float is smaller, a vocabulary word shared). Counting
+#: per list, not per item, keeps the decoder's loop as fast as it was; the sum is an upper
+#: bound of what a decoded expression holds: about 1.3 times it for PB messages, up to
+#: 2.5 times for streams of tiny lists (tests/test_cost.py). The items of the lists still
+#: open (at most ``max_depth`` of them) count in :attr:`Decoder.held`, not in the limit:
+#: their atoms take at most about 14 times their bytes.
+LIST_COST: Final = 64
+ITEM_COST: Final = 48
 
 
 def int_to_b128(value: int) -> bytes:
@@ -364,7 +366,7 @@ class Decoder:
         self._pending_len = 0
         self._need = 0  # bytes needed past _pos before parsing can progress
         self._expr_start = 0  # stream offset where the current expression began
-        self._cost = 0  # what the current expression costs decoded, beyond its bytes (see _COSTS)
+        self._cost = 0  # what the objects of the current expression take, as counted (see LIST_COST)
         self._stack: list[tuple[list[Sexp], int]] = []  # open lists and their claimed lengths
         self._failed: BananaError | None = None
         self._header = re.compile(b"[\\x00-\\x7f]{0,%d}[\\x80-\\xff]" % limits.prefix_limit)
@@ -384,7 +386,9 @@ class Decoder:
         """What the unfinished expression costs so far, as ``max_decoded_bytes`` counts (0 at a boundary)."""
         if not self._stack:
             return self.buffered
-        return self._base + self._pos - self._expr_start + self._cost + self.buffered
+        # The lists still open count what they hold so far.
+        open_lists = sum(LIST_COST + ITEM_COST * len(items) for items, _ in self._stack)
+        return self._base + self._pos - self._expr_start + self._cost + open_lists + self.buffered
 
     @property
     def at_boundary(self) -> bool:
@@ -435,6 +439,10 @@ class Decoder:
     def _fail(self, pos: int, message: str) -> BananaError:
         return BananaError(f"{message} (at byte {self._base + pos} of the stream)")
 
+    def _over_decoded(self, pos: int) -> BananaError:
+        limit = self.limits.max_decoded_bytes
+        return self._fail(pos, f"expression over the limit of {limit} bytes decoded (Limits.max_decoded_bytes)")
+
     def _parse(self, buf: bytes, pos: int) -> tuple[Sexp | None, int]:
         """Parse items from *pos* until an expression completes or the bytes run out.
 
@@ -447,6 +455,7 @@ class Decoder:
         max_depth = limits.max_depth
         max_bytes = limits.max_expression_bytes
         max_decoded = limits.max_decoded_bytes
+        list_cost, item_cost = LIST_COST, ITEM_COST  # locals: read for every list
         vocabulary = _WORDS if self.dialect == b"pb" else None
         end = len(buf)
         stack = self._stack
@@ -497,28 +506,23 @@ class Decoder:
                         return None, start
                     item = buf[pos:stop]
                     pos = stop
-                    cost += STRING_COST
                 elif kind == LIST:
                     if num > size_limit:
                         raise self._fail(start, f"list of {num} items is over the size limit of {size_limit}")
                     if len(stack) >= max_depth:  # the encoder's rule: no list at depth max_depth
                         raise self._fail(start, f"lists nested deeper than the limit of {max_depth}")
-                    # A list is 1 or 2 bytes on the wire and 88 or more once decoded: counted (with
-                    # what the items before it cost), so that a stream of lists cannot take 70 times
-                    # max_expression_bytes. Checked here, where the cost grows most.
-                    cost += LIST_COST + 8 * num
-                    if pos - expr_start + cost > max_decoded:
-                        raise self._fail(
-                            start,
-                            f"expression over the limit of {max_decoded} bytes decoded (Limits.max_decoded_bytes;"
-                            " see pbcore.banana.LIST_COST)",
-                        )
                     if num:
                         top = []
                         want = num
                         stack.append((top, want))
                         continue
                     item = []
+                    # A list is 1 or 2 bytes on the wire and 56 or more once decoded: counted (when
+                    # complete, with its items' slots), so that a stream of lists cannot take 70
+                    # times max_expression_bytes. A claim costs nothing until its items arrive.
+                    cost += list_cost
+                    if cost > max_decoded:
+                        raise self._over_decoded(start)
                 elif kind == VOCAB:
                     if vocabulary is None:
                         raise self._fail(start, "vocabulary item outside the pb dialect")
@@ -528,19 +532,14 @@ class Decoder:
                     item = word
                 elif kind in _POSITIVE:
                     item = num
-                    if num > 256:  # CPython shares the ints from -5 to 256
-                        cost += INT_COST
                 elif kind in _NEGATIVE:
                     item = -num
-                    if num > 5:
-                        cost += INT_COST
                 elif kind == FLOAT:
                     if pos + 8 > end:
                         self._need = pos + 8 - start
                         return None, start
                     item = _unpack_double(buf, pos)[0]
                     pos += 8
-                    cost += FLOAT_COST
                 else:
                     raise self._fail(start, f"unknown type byte 0x{kind:02x}")
 
@@ -552,6 +551,9 @@ class Decoder:
                     if len(top) < want:
                         break
                     stack.pop()
+                    cost += list_cost + item_cost * want
+                    if cost > max_decoded:
+                        raise self._over_decoded(start)
                     item = top
                     top, want = stack[-1] if stack else (None, 0)
                 else:

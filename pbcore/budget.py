@@ -30,10 +30,10 @@ class OverBudget(ProtocolError):
 class MemoryBudget:
     """Bytes held in unfinished messages, across every connection that reports to it, and their limit.
 
-    *limit* is in the decoder's units (``Limits.max_decoded_bytes``: a
-    message's bytes, plus what each object decoded from it takes), which are
-    within a few tens of percent of the memory held. ``MemoryBudget(None)``
-    counts without a limit.
+    *limit* is in the decoder's units (a message's bytes, plus the upper
+    bound ``Limits.max_decoded_bytes`` counts for its objects): the memory
+    held is at most that, about 0.8 times it for PB messages.
+    ``MemoryBudget(None)`` counts without a limit.
     """
 
     def __init__(self, limit: int | None) -> None:

@@ -48,7 +48,7 @@ from typing import Any, Final, Protocol
 
 from .banana import DEFAULT_LIMITS, Limits, Sexp
 from .errors import BananaError, InsecureJelly, JellyError, NotJellyable, ProtocolError
-from .keys import COMPOSITE, PEER_ID_BOUND, SALTED, Collisions, KeyMeter
+from .keys import COMPOSITE, PEER_ID_BOUND, SALTED, Collisions, KeyMeter, items
 
 __all__ = [
     "Jellier",
@@ -565,9 +565,10 @@ class Unjellier:
         self._limits = limits
         self._max_depth = limits.max_depth
         self._depth = 0
-        self._items = 0  # items of the containers seen so far: the hashing budget grows with them
+        self._sexp: Sexp | None = None  # the whole expression: its size is the hashing budget's base
         self._meter: KeyMeter | None = None  # made for the first tuple or frozenset key
-        self._tuple_depths: dict[int, tuple[Any, int]] = {}  # id -> (tuple, depth), for nested ones
+        # id -> (tuple, depth) of the nested tuples built since the first dereference (see _built).
+        self._tuple_depths: dict[int, tuple[Any, int]] | None = None
         self.references: dict[int, Any] = {}
         self._forms: dict[bytes, _Form] = {}  # head -> builder, resolved once per unjellier
         self._plain_unicode = b"unicode" not in self._handlers and bool(taster.isTypeAllowed(b"unicode"))
@@ -576,6 +577,7 @@ class Unjellier:
 
     def unjellyFull(self, sexp: Sexp) -> Any:
         """Unjelly a whole expression, then run the ``postUnjelly`` hooks it collected."""
+        self._sexp = sexp
         value = self.unjelly(sexp)
         for hole in self._holes:
             if not hole.filled:
@@ -631,7 +633,6 @@ class Unjellier:
 
     def _list(self, obj: list[Any], ref: int | None) -> list[Any]:
         self._nest()
-        self._items += len(obj)
         result: list[Any] = []
         if ref is not None:
             self.references[ref] = result
@@ -646,7 +647,6 @@ class Unjellier:
 
     def _dict(self, obj: list[Any], ref: int | None) -> dict[Any, Any]:
         self._nest()
-        self._items += len(obj)
         result: dict[Any, Any] = {}
         if ref is not None:
             self.references[ref] = result
@@ -661,7 +661,7 @@ class Unjellier:
             if type(key) is _Hole or type(value) is _Hole:
                 self._later(result, key, value)
                 continue
-            if type(key) not in SALTED:  # the usual str keys pay this one test
+            if type(key) is not str and type(key) not in SALTED:  # the usual str keys pay one test
                 if collisions is None:
                     collisions = Collisions(self._limits, "dictionary")
                 self._key(key, collisions, result)
@@ -692,7 +692,6 @@ class Unjellier:
     def _sequence(self, obj: list[Any], _ref: int | None, build: Callable[[list[Any]], Any]) -> Any:
         """A tuple or frozenset: built when all its items are known."""
         self._nest()
-        self._items += len(obj)
         unjelly = self.unjelly
         items = []
         for item in obj[1:]:  # a loop, not a comprehension: one frame less per level
@@ -700,6 +699,8 @@ class Unjellier:
         self._depth -= 1
         missing = [index for index, item in enumerate(items) if type(item) is _Hole]
         if not missing:
+            if build is tuple and self._tuple_depths is None:
+                return _build(build, items)  # the common case: no depth to track, no keys to hash
             return self._built(build, items)
         hole = _Hole()
         remaining = [len(missing)]
@@ -716,7 +717,6 @@ class Unjellier:
 
     def _set(self, obj: list[Any], ref: int | None) -> set[Any]:
         self._nest()
-        self._items += len(obj)
         result: set[Any] = set()
         if ref is not None:
             self.references[ref] = result
@@ -743,8 +743,8 @@ class Unjellier:
         if type(key) in COMPOSITE:
             meter = self._meter
             if meter is None:
-                meter = self._meter = KeyMeter(self._limits)
-            meter.charge(key, self._items)
+                meter = self._meter = KeyMeter(self._limits, items(self._sexp))
+            meter.charge(key)
         collisions.add(key, existing)
 
     def _built(self, build: Callable[[list[Any]], Any], items: list[Any]) -> Any:
@@ -752,24 +752,30 @@ class Unjellier:
 
         Shared references can nest tuples far deeper than the message itself
         is nested, and CPython hashes a tuple recursively with no guard: a
-        tuple 10**5 deep crashes the process when hashed. So a tuple's depth
-        is known when it is built, and refused past ``max_depth``.
+        tuple 10**5 deep crashes the process when hashed. So once a message
+        has used a dereference (the only way to nest deeper than the message
+        itself), each tuple's depth is known when it is built and refused past
+        ``max_depth``. Tuples built before count as depth 1: they are at most
+        ``max_depth`` deep, so the true depth stays below twice the limit.
         """
         depths = self._tuple_depths
         depth = 1
-        for item in items:
-            if type(item) in COMPOSITE:
-                known = depths.get(id(item))
-                depth = max(depth, 2 if known is None else known[1] + 1)
-        if depth > self._max_depth:
-            raise JellyError(f"tuples nested deeper than the limit of {self._max_depth} (through shared references)")
+        if depths is not None:
+            for item in items:
+                if type(item) in COMPOSITE:
+                    known = depths.get(id(item))
+                    depth = max(depth, 2 if known is None else known[1] + 1)
+            if depth > self._max_depth:
+                raise JellyError(
+                    f"tuples nested deeper than the limit of {self._max_depth} (through shared references)"
+                )
         if build is frozenset:
             collisions = Collisions(self._limits, "frozenset")
             for index, item in enumerate(items):
                 if type(item) not in SALTED:
                     self._key(item, collisions, itertools.islice(items, index))
         value = _build(build, items)
-        if depth > 1:
+        if depth > 1 and depths is not None:
             depths[id(value)] = (value, depth)
         return value
 
@@ -803,6 +809,8 @@ class Unjellier:
         ref = obj[1]
         if type(ref) is not int or ref not in self.references:
             raise JellyError(f"dereference of unknown reference {ref!r:.40}")
+        if self._tuple_depths is None:
+            self._tuple_depths = {}  # from now on values can nest deeper than the message: see _built
         return self.references[ref]
 
     # -- instances --------------------------------------------------------------

@@ -10,7 +10,7 @@ walk all the others. This module keeps both linear:
 * :class:`KeyMeter` measures each tuple or frozenset used as a key *expanded*
   (memoized, so in time linear in its distinct parts) before it is hashed, and
   refuses the message once the keys of one message expand to more than a
-  small multiple of the items it has shown (and more than
+  small multiple of the items it has (and more than
   :attr:`Limits.max_key_items <pbcore.banana.Limits.max_key_items>`);
 * :class:`Collisions` counts, in one container, the keys that share a hash, and
   refuses past :attr:`Limits.max_hash_collisions <pbcore.banana.Limits.max_hash_collisions>`;
@@ -28,9 +28,18 @@ from typing import Any, Final
 from .banana import Limits
 from .errors import JellyError
 
-__all__ = ["COMPOSITE", "KEY_WORK_FACTOR", "KEY_WORK_SLACK", "PEER_ID_BOUND", "SALTED", "Collisions", "KeyMeter"]
+__all__ = [
+    "COMPOSITE",
+    "KEY_WORK_FACTOR",
+    "KEY_WORK_SLACK",
+    "PEER_ID_BOUND",
+    "SALTED",
+    "Collisions",
+    "KeyMeter",
+    "items",
+]
 
-#: The keys of one message may expand to this many times the items it has shown (a tuple
+#: The keys of one message may expand to this many times the items it has (a tuple
 #: key reused in many dictionaries arrives shared: a constant in the sender's code)...
 KEY_WORK_FACTOR: Final = 16
 #: ...plus this many (about a millisecond of hashing).
@@ -47,28 +56,28 @@ COMPOSITE: Final = frozenset({tuple, frozenset})
 
 
 class KeyMeter:
-    """The hashing budget of one message: every tuple or frozenset key is charged its expanded size."""
+    """The hashing budget of one message: every tuple or frozenset key is charged its expanded size.
 
-    __slots__ = ("_absolute", "_sizes", "spent")
+    *message_items* is how many items the message has (:func:`items`): keys
+    that are not shared never expand to more than that.
+    """
 
-    def __init__(self, limits: Limits) -> None:
-        self._absolute = limits.max_key_items
+    __slots__ = ("_sizes", "allowed", "spent")
+
+    def __init__(self, limits: Limits, message_items: int) -> None:
+        #: Expanded items the message's keys may have in all.
+        self.allowed = min(KEY_WORK_FACTOR * message_items + KEY_WORK_SLACK, limits.max_key_items)
         # id -> (the value, kept alive so that its id is not reused; its expanded size)
         self._sizes: dict[int, tuple[Any, int]] = {}
         #: Expanded items charged so far.
         self.spent = 0
 
-    def charge(self, key: Any, items_seen: int) -> None:
-        """Charge hashing *key* (a tuple or frozenset) against the budget, before it is hashed.
-
-        *items_seen* is how many items the message has shown so far: keys
-        that are not shared never expand to more than that.
-        """
+    def charge(self, key: Any) -> None:
+        """Charge hashing *key* (a tuple or frozenset) against the budget, before it is hashed."""
         self.spent += self._size(key)
-        allowed = min(KEY_WORK_FACTOR * items_seen + KEY_WORK_SLACK, self._absolute)
-        if self.spent > allowed:
+        if self.spent > self.allowed:
             raise JellyError(
-                f"the keys of this message expand to more than {allowed} items (shared references "
+                f"the keys of this message expand to more than {self.allowed} items (shared references "
                 "hashed expanded): refused"
             )
 
@@ -95,6 +104,18 @@ class KeyMeter:
                 if type(item) in COMPOSITE and id(item) not in sizes:
                     stack.append((item, False))
         return sizes[id(root)][1]
+
+
+def items(sexp: Any) -> int:
+    """How many items an s-expression has, lists and atoms alike (it is a tree: no sharing)."""
+    count = 0
+    pending = [sexp]
+    while pending:
+        item = pending.pop()
+        count += 1
+        if type(item) is list:
+            pending.extend(item)
+    return count
 
 
 class Collisions:

@@ -100,29 +100,29 @@ def test_shared_keys_within_the_budget_are_accepted() -> None:
 
 
 def test_the_key_budget_grows_with_the_message() -> None:
-    meter = KeyMeter(Limits())
     key: Any = (1, 2)
     for _ in range(14):
         key = (key, key)  # 2**16 - 1 items expanded, 15 distinct tuples
-    meter.charge(key, items_seen=0)  # the slack alone covers one such key
+    meter = KeyMeter(Limits(), message_items=0)
+    meter.charge(key)  # the slack alone covers one such key
     assert meter.spent == 2**16 - 1
     with pytest.raises(JellyError):
-        meter.charge(key, items_seen=0)
-    meter.charge(key, items_seen=2**13)  # a bigger message may hash more
+        meter.charge(key)
+    KeyMeter(Limits(), message_items=2**13).charge(key)  # a bigger message may hash more
 
 
 def test_the_absolute_key_budget_holds_however_large_the_message() -> None:
-    meter = KeyMeter(Limits(max_key_items=KEY_WORK_SLACK))
+    meter = KeyMeter(Limits(max_key_items=KEY_WORK_SLACK), message_items=10**9)
     with pytest.raises(JellyError, match=f"more than {KEY_WORK_SLACK} items"):
-        meter.charge(tuple(range(KEY_WORK_SLACK)), items_seen=10**9)
+        meter.charge(tuple(range(KEY_WORK_SLACK)))
 
 
 def test_the_expanded_size_is_memoized_so_measuring_is_linear() -> None:
-    meter = KeyMeter(Limits(max_key_items=10**30))
+    meter = KeyMeter(Limits(max_key_items=10**30), message_items=10**30)
     key: Any = ()
     for _ in range(90):
         key = (key, key)
-    meter.charge(key, items_seen=10**30)  # 2**91 items: counted, not walked
+    meter.charge(key)  # 2**91 items: counted, not walked
     assert meter.spent == 2**91 - 1
 
 
@@ -433,13 +433,13 @@ def test_a_stream_of_lists_is_refused_by_its_decoded_size() -> None:
     limits = Limits(max_expression_bytes=10**9, max_decoded_bytes=100_000)
     with pytest.raises(BananaError, match="over the limit of 100000 bytes decoded"):
         banana.decode(banana.int_to_b128(2000) + b"\x80" + b"\x80" * 2000, limits=limits)
-    assert banana.decode(banana.int_to_b128(900) + b"\x80" + b"\x80" * 900, limits=limits)[0] == [[]] * 900
+    assert banana.decode(banana.int_to_b128(700) + b"\x80" + b"\x80" * 700, limits=limits)[0] == [[]] * 700
 
 
 @pytest.mark.parametrize("item", WORST_SHAPES)
 def test_the_decoded_size_counted_is_close_to_the_memory_held(item: bytes) -> None:
-    # What the decoder counts against max_decoded_bytes is what the objects take (tracemalloc):
-    # so the limit and the process-wide budget are in bytes of memory, whatever the shape.
+    # What the decoder counts against max_decoded_bytes bounds what the objects take (tracemalloc),
+    # within 2.5x: so the limit and the process-wide budget are in bytes of memory, whatever the shape.
     decoder = banana.Decoder(b"pb", Limits(max_expression_bytes=10**9, max_decoded_bytes=10**10))
     data = unfinished(item, 20_000)[: 256 * 1024]
     tracemalloc.start()
@@ -448,8 +448,8 @@ def test_the_decoded_size_counted_is_close_to_the_memory_held(item: bytes) -> No
     decoder._buf = b""
     held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    counted = decoder.held - len(data)
-    assert 0.7 * held < counted < 1.5 * held, (counted, held)
+    counted = decoder.held - len(data)  # held: the wire bytes and the objects' count
+    assert 0.9 * held < counted < 2.5 * held, (counted, held)  # an upper bound, and not a loose one
 
 
 def test_a_pb_message_at_the_wire_limit_is_within_the_decoded_limit() -> None:

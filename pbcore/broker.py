@@ -65,7 +65,7 @@ from .flavors import (
     RemoteReference,
 )
 from .isolation import run_isolated
-from .jelly import SecurityOptions, Unjellier, globalSecurity
+from .jelly import NOT_FLAT, SecurityOptions, Unjellier, flat_value, globalSecurity
 from .preview import preview
 from .timers import DEFAULT_TIMEOUTS, Timeouts
 
@@ -793,12 +793,16 @@ class Broker:
         try:
             if target is None:
                 raise Error("Invalid Object ID")
-            unjellier = self._unjellier(getattr(target, "perspective", None))
-            args = unjellier.unjellyFull(net_args)
-            kwargs = self._unjellier(getattr(target, "perspective", None)).unjellyFull(net_kw)
+            args = flat_value(net_args, self.security, self.limits)
+            if args is NOT_FLAT:
+                args = self._unjellier(getattr(target, "perspective", None)).unjellyFull(net_args)
+            kwargs = flat_value(net_kw, self.security, self.limits)
+            if kwargs is NOT_FLAT:
+                kwargs = self._unjellier(getattr(target, "perspective", None)).unjellyFull(net_kw)
             if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
                 raise JellyError("a call's arguments must be a tuple and a dictionary")
-            kwargs = {_keyword(k): v for k, v in kwargs.items()}
+            if kwargs:
+                kwargs = {_keyword(k): v for k, v in kwargs.items()}
         except (Error, JellyError) as error:
             # The connection is fine; this call is not.
             if isinstance(error, JellyError):  # a peer's mistake, or an attack: the operator may want to know
@@ -812,7 +816,9 @@ class Broker:
         _arity(expression, 3)
         pending = self._take_pending(expression[1])
         try:
-            result = self._unjellier(None).unjellyFull(expression[2])
+            result = flat_value(expression[2], self.security, self.limits)
+            if result is NOT_FLAT:
+                result = self._unjellier(None).unjellyFull(expression[2])
         except JellyError as error:
             # The message was well formed; only its value is unreadable here.
             self._call_failed(expression[1], pending, error)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from .banana import (
@@ -122,21 +122,7 @@ class _FusedJellier(Jellier):
         if kind is str:
             if depth >= self._max_depth:
                 self._too_deep()
-            try:
-                data = value.encode("utf-8")
-            except UnicodeEncodeError as error:
-                raise NotJellyable(f"cannot jelly a str that is not valid Unicode: {error}") from None
-            size = len(data)
-            word = _VOCAB_ITEMS.get(data)
-            if word is not None:  # a string that spells a pb vocabulary word travels as its index
-                out += b"\x02\x80" + _UNICODE + word
-                return
-            if size < self._short:
-                out += _UNICODE_HEAD[size]
-            else:
-                self._check_size(size, "byte string")
-                out += b"\x02\x80" + _UNICODE + int_to_b128(size) + b"\x82"
-            out += data
+            _write_text(value, out, self._short, self._size_limit)
         elif kind is int or kind is bytes or kind is float:
             self._banana.encode_into(value, out, depth)
         elif kind is dict or kind is list or kind is tuple or kind is set or kind is frozenset:
@@ -153,7 +139,7 @@ class _FusedJellier(Jellier):
             if size < self._short:
                 out += _LIST_HEAD[size]
             else:
-                self._check_size(size, "list")
+                self._check_size(size)
                 out += int_to_b128(size) + b"\x80"
             out += _ATOMS[kind]
             depth += 1
@@ -196,9 +182,29 @@ class _FusedJellier(Jellier):
     def _too_deep(self) -> None:
         raise BananaError(f"cannot encode: lists nested deeper than {self._max_depth} (or a cycle)")
 
-    def _check_size(self, size: int, what: str) -> None:
+    def _check_size(self, size: int) -> None:
         if size > self._size_limit:
-            raise BananaError(f"cannot encode a {what} of {size}: over the size limit of {self._size_limit}")
+            raise BananaError(f"cannot encode a list of {size} items: over the size limit of {self._size_limit}")
+
+
+def _write_text(value: str, out: bytearray, short: int, size_limit: int) -> None:
+    """Write a str's ``[unicode, utf-8]`` form."""
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise NotJellyable(f"cannot jelly a str that is not valid Unicode: {error}") from None
+    size = len(data)
+    word = _VOCAB_ITEMS.get(data)
+    if word is not None:  # a string that spells a pb vocabulary word travels as its index
+        out += b"\x02\x80" + _UNICODE + word
+        return
+    if size < short:
+        out += _UNICODE_HEAD[size]
+    else:
+        if size > size_limit:
+            raise BananaError(f"cannot encode a byte string of {size} bytes: over the size limit of {size_limit}")
+        out += b"\x02\x80" + _UNICODE + int_to_b128(size) + b"\x82"
+    out += data
 
 
 def _int(value: int) -> bytes:
@@ -216,6 +222,8 @@ _ATOMS: Final[dict[type, bytes]] = {
     set: _STR_HEAD[3] + b"set",
     frozenset: _STR_HEAD[9] + b"frozenset",
 }
+#: What ValueEncoder._write_flat writes without a jellier (exact types: a subclass goes the general way).
+_FLAT_ATOMS: Final = frozenset({int, bytes, float, str, bool, type(None)})
 _UNTRACKED: Final = frozenset({datetime.datetime, datetime.date, datetime.time, datetime.timedelta, decimal.Decimal})
 
 
@@ -236,6 +244,10 @@ class ValueEncoder:
         self.limits = limits
         self.taster = taster
         self._banana = Encoder(dialect, limits)
+        self._max_depth = limits.max_depth
+        self._size_limit = limits.size_limit
+        self._short = min(_TABLE_SIZE, self._size_limit + 1)  # lengths below this need no size check
+        self._flat_size = min(_TABLE_SIZE - 1, self._size_limit)  # flat containers below this many items
         # The fused tables spell some atoms as vocabulary; outside pb fall
         # back to the two-step path, which is rarely used and still correct.
         self._fused = dialect == b"pb"
@@ -253,10 +265,12 @@ class ValueEncoder:
         """
         size = len(head) + len(values)
         out = bytearray(_LIST_HEAD[size] if size < _TABLE_SIZE else int_to_b128(size) + b"\x80")
-        for item in head:
-            self._banana.encode_into(item, out, 1)
+        self._write_atoms(head, out, 1)
         for value in values:
-            out += self._encode(value, invoker, 1)
+            if not self._fused:
+                out += self._encode(value, invoker, 1)
+            elif not self._write_flat(value, out, 1):
+                out += _FusedJellier(self, invoker).run(value, 1)
         return bytes(out)
 
     def _encode(self, value: Any, invoker: Any, depth: int) -> bytes:
@@ -264,7 +278,63 @@ class ValueEncoder:
             out = bytearray()
             self._banana.encode_into(Jellier(self.taster, invoker, self.limits).jelly(value), out, depth)
             return bytes(out)
+        out = bytearray()
+        if self._write_flat(value, out, depth):
+            return bytes(out)
         return _FusedJellier(self, invoker).run(value, depth)
+
+    def _write_flat(self, value: Any, out: bytearray, depth: int) -> bool:
+        """Write an atom, or a container holding only atoms, as the fused jellier would; else write nothing.
+
+        Most call arguments and answers are such values. They can hold no
+        shared container, so they need none of a jellier's tables: this saves
+        making one per value. Anything near a limit goes the general way,
+        which says what is wrong.
+        """
+        kind = type(value)
+        if kind in _FLAT_ATOMS:
+            if depth + 1 >= self._max_depth:
+                return False
+            self._write_atoms((value,), out, depth)
+            return True
+        if kind not in _ATOMS or len(value) >= self._flat_size or depth + 3 >= self._max_depth:
+            return False
+        if kind is dict:
+            for key, item in value.items():
+                if type(key) not in _FLAT_ATOMS or type(item) not in _FLAT_ATOMS:
+                    return False
+            out += _LIST_HEAD[len(value) + 1]
+            out += _ATOMS[kind]
+            for pair in value.items():
+                out += b"\x02\x80"
+                self._write_atoms(pair, out, depth + 2)
+            return True
+        for item in value:
+            if type(item) not in _FLAT_ATOMS:
+                return False
+        out += _LIST_HEAD[len(value) + 1]
+        out += _ATOMS[kind]
+        self._write_atoms(value, out, depth + 1)
+        return True
+
+    def _write_atoms(self, items: Iterable[Any], out: bytearray, depth: int) -> None:
+        # The commonest atoms inline; the rest as _FusedJellier._write writes them.
+        vocabulary, short, encode_into = _VOCAB_ITEMS, self._short, self._banana.encode_into
+        for item in items:
+            kind = type(item)
+            if kind is int and 0 <= item < _TABLE_SIZE:
+                out += _INT_HEAD[item]
+            elif kind is bytes and len(item) < short and item not in vocabulary:
+                out += _STR_HEAD[len(item)]
+                out += item
+            elif kind is str:
+                _write_text(item, out, short, self._size_limit)
+            elif item is None:
+                out += _NONE
+            elif kind is bool:
+                out += _TRUE if item else _FALSE
+            else:
+                encode_into(item, out, depth)
 
 
 _DEFAULT_ENCODER: Final = ValueEncoder()

@@ -51,12 +51,14 @@ from .errors import BananaError, InsecureJelly, JellyError, NotJellyable, Protoc
 from .keys import COMPOSITE, PEER_ID_BOUND, SALTED, Collisions, KeyMeter, items
 
 __all__ = [
+    "NOT_FLAT",
     "Jellier",
     "Jellyable",
     "SecurityOptions",
     "Unjellier",
     "Unjellyable",
     "Unpersistable",
+    "flat_value",
     "globalSecurity",
     "jelly",
     "qual",
@@ -851,6 +853,83 @@ class Unjellier:
 
 
 _PLAIN: Final = frozenset({bytes, int, float})  # Banana's atoms stand for themselves
+
+#: What :func:`flat_value` returns for an expression it leaves to :class:`Unjellier`.
+NOT_FLAT: Final = object()
+_FLAT_SEQUENCES: Final[dict[bytes, Callable[[list[Any]], Any]]] = {b"tuple": tuple, b"list": list}
+_FLAT_LEVELS: Final = 2  # containers nested this deep at most
+
+
+def flat_value(sexp: Sexp, taster: SecurityOptions, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """The value of a plain expression, else :data:`NOT_FLAT`.
+
+    Plain: atoms, strings, None and booleans, and tuples, lists and dictionaries of them,
+    nested at most two deep (dictionary keys are atoms or strings). For
+    these the result is what ``Unjellier(taster, limits=limits).unjellyFull(sexp)``
+    gives, without making an unjellier: most call arguments and answers are
+    plain. Anything else, and anything in doubt (a subclass of
+    SecurityOptions, a dictionary whose keys could collide, bad UTF-8), is
+    NOT_FLAT: the general way handles it and says what is wrong.
+    """
+    if type(sexp) is not list:
+        return sexp if type(sexp) in _PLAIN else NOT_FLAT
+    if type(taster) is not SecurityOptions:
+        return NOT_FLAT
+    return _flat(sexp, taster.allowedTypes, limits, min(limits.max_depth, _FLAT_LEVELS))
+
+
+def _flat(sexp: list[Any], allowed: dict[bytes, int], limits: Limits, levels: int) -> Any:
+    # One list of a plain expression; *levels* containers may still nest here.
+    head = sexp[0] if sexp else None
+    if type(head) is not bytes or head not in allowed:
+        return NOT_FLAT
+    if head == b"unicode":
+        if len(sexp) == 2 and type(sexp[1]) is bytes:
+            try:
+                return sexp[1].decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        return NOT_FLAT
+    if head == b"None":
+        return None if len(sexp) == 1 else NOT_FLAT
+    if head == b"boolean":
+        if len(sexp) == 2 and (sexp[1] == b"true" or sexp[1] == b"false"):
+            return sexp[1] == b"true"
+        return NOT_FLAT
+    if not levels:
+        return NOT_FLAT
+    levels -= 1
+    if head == b"dictionary":
+        if len(sexp) > limits.max_hash_collisions + 1:  # below this many keys none is counted (see Collisions)
+            return NOT_FLAT
+        result: dict[Any, Any] = {}
+        for pair in itertools.islice(sexp, 1, None):
+            if type(pair) is not list or len(pair) != 2:
+                return NOT_FLAT
+            key, value = pair
+            if type(key) not in _PLAIN and (
+                type(key) is not list or (key := _flat(key, allowed, limits, 0)) is NOT_FLAT
+            ):
+                return NOT_FLAT
+            if type(value) not in _PLAIN and (
+                type(value) is not list or (value := _flat(value, allowed, limits, levels)) is NOT_FLAT
+            ):
+                return NOT_FLAT
+            result[key] = value
+        return result
+    build = _FLAT_SEQUENCES.get(head)
+    if build is None:
+        return NOT_FLAT
+    items = []
+    for item in itertools.islice(sexp, 1, None):
+        if type(item) not in _PLAIN and (
+            type(item) is not list or (item := _flat(item, allowed, limits, levels)) is NOT_FLAT
+        ):
+            return NOT_FLAT
+        items.append(item)
+    return build(items)
+
+
 _NEVER: Final = frozenset({b"module", b"class", b"function", b"method", b"instance"})
 
 

@@ -9,11 +9,12 @@ rewritten in place), with reference numbers in Twisted's order throughout.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pbcore import banana, codec, jelly
@@ -254,3 +255,71 @@ def test_loads_wants_exactly_one_expression() -> None:
         codec.loads(data[:-1])
     with pytest.raises(JellyError):
         codec.loads(banana.encode([b"reference", 1, [b"dereference", 1]]))
+
+
+class _Text(str):
+    pass
+
+
+class _Number(int):
+    pass
+
+
+_flat_atoms = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**80), 2**80),
+    st.floats(allow_nan=True),
+    st.binary(max_size=12) | st.sampled_from([b"None", b"tuple", b""]),
+    st.text(max_size=12) | st.sampled_from(["None", "list"]),  # no lone surrogates: see test_unsendable_values
+    st.builds(_Text, st.text(max_size=3)),
+    st.builds(_Number, st.integers(0, 9)),
+)
+_flat_values = st.one_of(
+    _flat_atoms,
+    st.lists(_flat_atoms, max_size=8),
+    st.lists(_flat_atoms, max_size=8).map(tuple),
+    st.dictionaries(
+        _flat_atoms.filter(lambda v: not (isinstance(v, float) and math.isnan(v))), _flat_atoms, max_size=6
+    ),
+)
+
+
+def _outcome(encode: Any, value: Any) -> tuple[str, Any]:
+    try:
+        return "bytes", encode(value)
+    except (BananaError, NotJellyable) as error:
+        return type(error).__name__, str(error)
+
+
+def _same(fused: tuple[str, Any], layered: tuple[str, Any]) -> bool:
+    # A value both unjellyable and too deep: the two-step path finds the first first, the fused
+    # one (which checks the depth as it writes) may find the second. Both refuse it.
+    return fused == layered or (layered[0] == "NotJellyable" and fused[0] != "bytes")
+
+
+# Size limits from 7: the fused encoder writes the fixed forms (None, booleans: b"boolean" is 7 bytes) as
+# constants, and never checks a message's own list, so a size limit below them would differ.
+@given(_flat_values, st.integers(1, 5), st.integers(7, 12))
+@example([0] * 7, 5, 7)  # 8 items with the tuple's name: one over
+@example(dict.fromkeys(range(7)), 5, 7)
+@example((1,), 2, 7)  # the deepest a flat container may be
+@example({"k": "v"}, 3, 7)  # in a message, the text is one level too deep
+def test_flat_values_at_any_limit_are_the_two_step_bytes_or_error(value: Any, depth: int, size: int) -> None:
+    # ValueEncoder writes atoms and flat containers without a jellier; near a limit it defers to the
+    # general way. Either way: the two-step bytes, or the same refusal.
+    head: list[banana.Sexp] = [b"answer", 7]
+    for limits in (banana.Limits(), banana.Limits(max_depth=depth, size_limit=size)):
+        fused = codec.ValueEncoder(limits=limits)
+        plain = banana.Encoder(limits=limits)
+
+        def layered(v: Any, plain: banana.Encoder = plain, limits: banana.Limits = limits) -> bytes:
+            return plain.encode(jelly.jelly(v, limits=limits))
+
+        def layered_list(v: Any, plain: banana.Encoder = plain, limits: banana.Limits = limits) -> bytes:
+            return plain.encode([*head, jelly.jelly(v, limits=limits)])
+
+        assert _same(_outcome(fused.encode, value), _outcome(layered, value))
+        assert _same(
+            _outcome(lambda v, fused=fused: fused.encode_list(head, [v]), value), _outcome(layered_list, value)
+        )

@@ -1175,3 +1175,83 @@ def test_round_trip_with_registered_tags_present(value: Any) -> None:
     with restored_registry():
         setUnjellyableForClass("list.extra", Bag)
         assert same_structure(unjelly(jelly(value)), value)
+
+
+# -- flat_value: the unjellier-free path for the commonest values -----------------------------
+
+_flat_atom = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.binary(max_size=6),
+    st.sampled_from([[b"None"], [b"None", b"x"], [b"boolean", b"true"], [b"boolean", b"false"], [b"boolean", b"yes"]]),
+    st.lists(st.sampled_from([b"unicode", b"None", b"tuple", b"boolean"]), min_size=1, max_size=1)
+    .flatmap(lambda head: st.tuples(st.just(head[0]), st.binary(max_size=4) | st.text(max_size=3).map(str.encode)))
+    .map(list),
+)
+_flat_sexp = st.recursive(
+    _flat_atom,
+    lambda inner: st.one_of(
+        st.tuples(st.sampled_from([b"tuple", b"list", b"set", b"unicode", b"x.Y"]), st.lists(inner, max_size=5)).map(
+            lambda t: [t[0], *t[1]]
+        ),
+        st.lists(st.lists(inner, min_size=1, max_size=3), max_size=5).map(lambda pairs: [b"dictionary", *pairs]),
+    ),
+    max_leaves=12,
+)
+
+
+def _unjellied(sexp: Any, taster: SecurityOptions, limits: Limits) -> tuple[str, Any]:
+    try:
+        return "value", Unjellier(taster, limits=limits).unjellyFull(sexp)
+    except ProtocolError as error:
+        return "error", type(error)
+
+
+@given(_flat_sexp, st.integers(1, 3), st.integers(1, 3))
+def test_flat_value_is_what_the_unjellier_gives_or_not_flat(sexp: Any, depth: int, collisions: int) -> None:
+    limits = Limits(max_depth=depth, max_hash_collisions=collisions)
+    got = pbcore.jelly.flat_value(sexp, pbcore.jelly.globalSecurity, limits)
+    outcome, expected = _unjellied(sexp, pbcore.jelly.globalSecurity, limits)
+    if got is pbcore.jelly.NOT_FLAT:
+        return
+    assert outcome == "value"  # never a value where the general way refuses
+    assert type(got) is type(expected)
+    assert same_structure(got, expected)
+
+
+_common_atom = st.one_of(
+    st.integers(-(2**40), 2**40), st.binary(max_size=8), st.text(max_size=8), st.none(), st.booleans()
+)
+
+
+@given(_common_atom.flatmap(lambda a: st.sampled_from([a, (a, a), [a], {a: a}, {"k": [a, a]}, [{"k": a}]])))
+def test_flat_value_takes_the_common_shapes(value: Any) -> None:
+    sexp = pbcore.jelly.jelly(value)
+    got = pbcore.jelly.flat_value(sexp, pbcore.jelly.globalSecurity)
+    assert got is not pbcore.jelly.NOT_FLAT
+    assert same_structure(got, value)
+
+
+def test_flat_value_leaves_what_it_cannot_vouch_for() -> None:
+    flat = pbcore.jelly.flat_value
+    not_flat = pbcore.jelly.NOT_FLAT
+    strict = SecurityOptions()  # no containers allowed: the general way refuses
+    assert flat([b"tuple", 1], strict) is not_flat
+    with pytest.raises(InsecureJelly):
+        Unjellier(strict).unjellyFull([b"tuple", 1])
+
+    class Picky(SecurityOptions):
+        def isTypeAllowed(self, typeName: str | bytes) -> bool:
+            return False
+
+    assert flat([b"tuple", 1], Picky()) is not_flat
+    # Keys that could collide are counted by the general way (pbcore.keys.Collisions).
+    limits = Limits(max_hash_collisions=2)
+    assert flat([b"dictionary", [1, 1], [2, 2]], pbcore.jelly.globalSecurity, limits) == {1: 1, 2: 2}
+    assert flat([b"dictionary", [1, 1], [2, 2], [3, 3]], pbcore.jelly.globalSecurity, limits) is not_flat
+    assert flat([b"unicode", b"\xff"], pbcore.jelly.globalSecurity) is not_flat  # the general way says why
+    assert flat([b"list", [b"tuple"]], pbcore.jelly.globalSecurity) == [()]
+    assert flat([b"list", [b"list", [b"tuple"]]], pbcore.jelly.globalSecurity) is not_flat  # 3 deep
+    assert flat([b"list", [b"list"]], pbcore.jelly.globalSecurity, Limits(max_depth=1)) is not_flat
+    assert flat([b"dictionary", [[b"tuple"], 1]], pbcore.jelly.globalSecurity) is not_flat  # a key to meter
+    assert flat("text", pbcore.jelly.globalSecurity) is not_flat  # type: ignore[arg-type]  # not an s-expression

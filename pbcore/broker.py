@@ -28,6 +28,7 @@ that call: the messages were well formed, so the connection lives on.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
@@ -224,8 +225,7 @@ class Broker:
         self.closed = False
         self.close_reason: BaseException | None = None
         self._decoder = Decoder(b"none", limits)
-        self._encoders = {dialect: ValueEncoder(dialect, limits, security) for dialect in DIALECTS}
-        self._plain = {dialect: Encoder(dialect, limits) for dialect in DIALECTS}
+        self._encoders, self._plain = _encoders(limits, security)
         self._out = bytearray()
         self._events: list[Event] = []
         self._root = root.rootObject(self) if root is not None and hasattr(root, "rootObject") else root
@@ -916,6 +916,28 @@ Broker._COMMANDS = {
     b"decache": Broker._decache,
     b"uncache": Broker._uncache,
 }
+
+
+_Encoders = tuple[dict[bytes, ValueEncoder], dict[bytes, Encoder]]
+
+
+def _encoders(limits: Limits, security: SecurityOptions) -> _Encoders:
+    # Encoders hold no state between messages: brokers with the same limits and
+    # security share them (an idle connection costs a few KiB, not 20).
+    try:
+        return _shared_encoders(limits, security)
+    except TypeError:  # security options that cannot be hashed: this broker's own
+        return _new_encoders(limits, security)
+
+
+def _new_encoders(limits: Limits, security: SecurityOptions) -> _Encoders:
+    return (
+        {dialect: ValueEncoder(dialect, limits, security) for dialect in DIALECTS},
+        {dialect: Encoder(dialect, limits) for dialect in DIALECTS},
+    )
+
+
+_shared_encoders = functools.lru_cache(maxsize=64)(_new_encoders)
 
 
 def _keyword(key: Any) -> str:

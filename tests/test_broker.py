@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import pbcore.broker
 from pbcore import jelly
-from pbcore.banana import Decoder, decode, encode
+from pbcore.banana import Decoder, Limits, decode, encode
 from pbcore.broker import Broker, PendingCall
 from pbcore.errors import (
     DeadReferenceError,
@@ -1524,3 +1524,32 @@ def test_a_jellyable_error_crosses_as_itself() -> None:
         pending = pair.client.root().callRemote("plain_error")
         pair.pump()
         assert isinstance(pending.error, CopiedFailure) and pending.error.check(Error)
+
+
+def test_brokers_share_their_encoders_when_their_limits_and_security_match() -> None:
+    # Encoders are stateless between messages: an idle connection should not carry its own.
+    first, second = Broker(is_client=True), Broker(is_client=True)
+    assert first._encoders is second._encoders
+    other = Broker(is_client=True, limits=Limits(max_depth=7))
+    assert other._encoders is not first._encoders
+    assert other._encoders[b"pb"].limits.max_depth == 7
+
+
+def test_security_options_that_cannot_be_hashed_still_serve() -> None:
+    class Comparable(jelly.SecurityOptions):
+        def __eq__(self, other: object) -> bool:  # no __hash__: unhashable
+            return isinstance(other, Comparable)
+
+        __hash__ = None  # type: ignore[assignment]
+
+    security = Comparable()
+    security.allowBasicTypes()
+
+    class Echo(Root):
+        def remote_echo(self, value: Any) -> Any:
+            return value
+
+    pair = BrokerPair(Echo(), security=security)
+    pending = pair.client.root().callRemote("echo", {"a": (1, "b")})
+    pair.pump()
+    assert pending.result == {"a": (1, "b")}

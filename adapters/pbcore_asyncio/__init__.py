@@ -83,6 +83,16 @@ WRITE_SIZE = 64 * 1024
 CLOSE_TIMEOUT = 5.0
 
 
+_buffers = threading.local()
+
+
+def _thread_read_buffer() -> memoryview:
+    buffer: memoryview | None = getattr(_buffers, "read", None)
+    if buffer is None:
+        buffer = _buffers.read = memoryview(bytearray(READ_SIZE))
+    return buffer
+
+
 class PendingFuture(asyncio.Future[Any]):
     """A call's result: an asyncio Future the broker settles."""
 
@@ -135,8 +145,11 @@ class Connection(asyncio.BufferedProtocol):
         self._abort: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] = self._loop.create_future()
         # A buffer of our own: asyncio's default reads allocate (and glibc may
-        # map and unmap) a fresh 256 KiB buffer for every read.
-        self._read_buffer = memoryview(bytearray(READ_SIZE))
+        # map and unmap) a fresh 256 KiB buffer for every read. One per thread,
+        # shared by its loop's connections: a read is handled (and what the
+        # broker keeps copied) before the loop reads again, so an idle
+        # connection costs no buffer.
+        self._read_buffer = _thread_read_buffer()
 
     @property
     def broker(self) -> Broker:

@@ -8,6 +8,7 @@ import logging
 import socket
 import ssl
 import threading
+import tracemalloc
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -823,3 +824,37 @@ def test_nothing_is_printed(capfd: pytest.CaptureFixture[str]) -> None:
 
     run(body)
     assert capfd.readouterr() == ("", "")
+
+
+def test_idle_connections_cost_a_few_kib_each() -> None:
+    # Each connection used to own a 64 KiB read buffer; the loop's connections now share one
+    # (a read is handled before the loop reads again), and brokers share their encoders.
+    count = 40
+
+    async def main() -> float:
+        server = await pbcore_asyncio.serve(PBServerFactory(Root()), "127.0.0.1", 0)
+        connections: list[pbcore_asyncio.Connection] = []
+        try:
+            first = PBClientFactory()  # the first of each kind makes what is shared
+            connections.append(await pbcore_asyncio.connect(first, "127.0.0.1", server.port))
+            await first.getRootObject()
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            factories = [PBClientFactory() for _ in range(count)]
+            for factory in factories:
+                connections.append(await pbcore_asyncio.connect(factory, "127.0.0.1", server.port))
+                await factory.getRootObject()
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            return grown / count / 1024
+        finally:
+            for connection in connections:
+                connection.close()
+            await server.aclose()
+
+    per_pair = run(main)
+    # Both ends are in this process: a client and a server connection, about 13 KiB together
+    # as measured (each end held 64 KiB more before).
+    assert per_pair < 40, f"{per_pair:.1f} KiB a connection pair"

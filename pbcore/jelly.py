@@ -44,11 +44,12 @@ import itertools
 import re
 import types
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final, NoReturn, Protocol
 
 from .banana import DEFAULT_LIMITS, Limits, Sexp
 from .errors import BananaError, InsecureJelly, JellyError, NotJellyable, ProtocolError
 from .keys import COMPOSITE, PEER_ID_BOUND, SALTED, Collisions, KeyMeter, items
+from .preview import error_text
 
 __all__ = [
     "NOT_FLAT",
@@ -667,10 +668,7 @@ class Unjellier:
                 if collisions is None:
                     collisions = Collisions(self._limits, "dictionary")
                 self._key(key, collisions, result)
-            try:
-                result[key] = value
-            except TypeError:
-                raise JellyError(f"unhashable dictionary key of type {type(key).__name__}") from None
+            _insert(result, key, value)
         self._depth -= 1
         return result
 
@@ -682,10 +680,7 @@ class Unjellier:
             entry[index] = known
             if type(entry[0]) is not _Hole and type(entry[1]) is not _Hole:
                 self._key(entry[0], collisions, result)
-                try:
-                    result[entry[0]] = entry[1]
-                except TypeError:
-                    raise JellyError(f"unhashable dictionary key of type {type(entry[0]).__name__}") from None
+                _insert(result, entry[0], entry[1])
 
         for index in (0, 1):
             if type(entry[index]) is _Hole:
@@ -944,7 +939,9 @@ def _from_peer(tag: bytes, hook: Callable[..., Any], *args: Any) -> Any:
     except ProtocolError:
         raise
     except Exception as error:
-        raise JellyError(f"cannot build {tag!r:.80} from the state the peer sent: {error!r:.200}") from error
+        raise JellyError(
+            f"cannot build {tag!r:.80} from the state the peer sent: {type(error).__name__}: {error_text(error, 200)}"
+        ) from error
 
 
 def _blank(cls: Any) -> Any:
@@ -959,18 +956,40 @@ def _setter(target: list[Any], index: int) -> Callable[[Any], None]:
     return patch
 
 
+# Hashing runs the __hash__ and __eq__ of the classes the peer's copy tags name: whatever
+# they raise is about the peer's value, so it refuses the value (a JellyError), not the
+# connection.
+
+
+def _insert(result: dict[Any, Any], key: Any, value: Any) -> None:
+    try:
+        result[key] = value
+    except Exception as error:
+        _unhashable(error, f"dictionary key of type {type(key).__name__}")
+
+
 def _build(build: Callable[[list[Any]], Any], items: list[Any]) -> Any:
     try:
         return build(items)
-    except TypeError:
-        raise JellyError("unhashable item in a set or frozenset") from None
+    except Exception as error:
+        _unhashable(error, "item in a set or frozenset")
 
 
 def _add(result: set[Any], value: Any) -> None:
     try:
         result.add(value)
-    except TypeError:
-        raise JellyError(f"unhashable set item of type {type(value).__name__}") from None
+    except Exception as error:
+        _unhashable(error, f"set item of type {type(value).__name__}")
+
+
+def _unhashable(error: Exception, what: str) -> NoReturn:
+    if isinstance(error, ProtocolError):
+        raise error
+    if isinstance(error, TypeError):
+        raise JellyError(f"unhashable {what}") from None
+    raise JellyError(
+        f"{what} cannot be hashed or compared: {type(error).__name__}: {error_text(error, 200)}"
+    ) from error
 
 
 def _set_state(instance: Any, state: Any) -> Any:

@@ -1255,3 +1255,28 @@ def test_flat_value_leaves_what_it_cannot_vouch_for() -> None:
     assert flat([b"list", [b"list"]], pbcore.jelly.globalSecurity, Limits(max_depth=1)) is not_flat
     assert flat([b"dictionary", [[b"tuple"], 1]], pbcore.jelly.globalSecurity) is not_flat  # a key to meter
     assert flat("text", pbcore.jelly.globalSecurity) is not_flat  # type: ignore[arg-type]  # not an s-expression
+
+
+class _BadHash:
+    """A copy class whose __hash__ fails as application code may: not with TypeError."""
+
+    def __hash__(self) -> int:
+        raise ValueError("no hash for you")
+
+
+@pytest.mark.usefixtures("registry")
+@pytest.mark.parametrize(
+    "container",
+    [
+        lambda bad: [b"dictionary", [bad, 1]],
+        lambda bad: [b"set", bad],
+        lambda bad: [b"frozenset", bad],
+        lambda bad: [b"dictionary", [[b"reference", 1, bad], 1], [[b"dereference", 1], 2]],
+    ],
+)
+def test_a_key_whose_class_cannot_hash_refuses_the_value_not_the_connection(container: Any) -> None:
+    setUnjellyableForClass("test.badhash", _BadHash)
+    sexp = container([b"test.badhash", [b"dictionary"]])
+    with pytest.raises(JellyError, match="cannot be hashed or compared: ValueError: no hash for you") as caught:
+        Unjellier().unjellyFull(sexp)
+    assert isinstance(caught.value.__cause__, ValueError)

@@ -10,7 +10,13 @@ times echo calls from the client to the server's root:
 * ``trio``: ``pbcore_trio`` client and server in one ``trio.run`` (if trio is installed);
 * ``blocking``: a ``pbcore_blocking`` client (the main thread, plus its reader
   thread) against a ``pbcore_asyncio`` server whose loop runs in a thread of
-  the same process.
+  the same process;
+* ``asyncio-pure``: the ``asyncio`` side with the pure-Python codec forced
+  (``PBCORE_PURE=1``), whether or not the compiled one is built;
+* ``echo``: no PB at all: what the loop itself moves, the same bytes (each
+  payload's ``pbcore.codec.dumps``) echoed raw over the same asyncio sockets,
+  framed by a 4-byte length. The last column gives each side's best time as a
+  share of it.
 
 The scenarios: sequential round trips of an int (latency), calls of an int
 pipelined (a window of calls issued, then all awaited in order: throughput),
@@ -24,7 +30,7 @@ each scenario ``--repeat`` times after a warm-up. A figure is the **best**
 (smallest) time over all rounds and repeats; the ratio is Twisted's best over
 the side's best, on the wall clock and on CPU time (``process_time``, all the
 threads of the side's process). The JSON record keeps every time and the
-median. Run ``python bench/sockets.py``; ``--quick`` for a smoke run,
+median (the table shows the median per call too). Run ``python bench/sockets.py``; ``--quick`` for a smoke run,
 ``--steady-malloc`` to raise glibc's mmap and trim thresholds in the sides
 (some processes otherwise map and unmap asyncio's 256 KiB read buffer on
 every read, others not), ``--profile SIDE`` to cProfile one side in this
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import gc
 import importlib
@@ -58,9 +65,20 @@ import pbcore_asyncio
 import pbcore_blocking
 
 import pbcore
+from pbcore import codec
 
-SIDES: Final = ("twisted", "asyncio", "uvloop", "trio", "blocking")
-LABELS: Final = {"twisted": "Twisted", "asyncio": "asyncio", "uvloop": "uvloop", "trio": "trio", "blocking": "blocking"}
+SIDES: Final = ("twisted", "asyncio", "asyncio-pure", "uvloop", "trio", "blocking", "echo")
+LABELS: Final = {
+    "twisted": "Twisted",
+    "asyncio": "asyncio",
+    "asyncio-pure": "asyncio (pure)",
+    "uvloop": "uvloop",
+    "trio": "trio",
+    "blocking": "blocking",
+    "echo": "raw echo",
+}
+#: Sides run with the pure-Python codec forced (PBCORE_PURE=1), whatever is compiled.
+PURE: Final = frozenset({"asyncio-pure"})
 #: Sides that need an optional package, and which.
 OPTIONAL: Final = {"uvloop": "uvloop", "trio": "trio"}
 BYTES_SIZE: Final = 100_000
@@ -227,6 +245,66 @@ def run_asyncio(scenarios: list[Scenario], repeat: int, loop_factory: Callable[[
     return times
 
 
+class _Echo(asyncio.Protocol):
+    """Both ends of the raw echo: frames of a 4-byte length and the bytes; the server sends each back."""
+
+    def __init__(self, answers: collections.deque[tuple[asyncio.Future[Any], Any]] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.answers = answers  # the client's futures, in order, and what each resolves to
+        self.buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        buffer, start = self.buffer, 0
+        while len(buffer) - start >= 4:
+            end = start + 4 + int.from_bytes(buffer[start : start + 4], "big")
+            if end > len(buffer):
+                break
+            if self.answers is None:
+                assert self.transport is not None
+                self.transport.write(bytes(buffer[start:end]))
+            else:
+                future, value = self.answers.popleft()
+                future.set_result(value)
+            start = end
+        del buffer[:start]
+
+
+def run_echo(scenarios: list[Scenario], repeat: int) -> Times:
+    """What the loop itself moves: the PB message's bytes echoed raw over the same asyncio sockets."""
+
+    async def main() -> Times:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Echo, "127.0.0.1", 0)
+        answers: collections.deque[tuple[asyncio.Future[Any], Any]] = collections.deque()
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_connection(lambda: _Echo(answers), "127.0.0.1", port)
+        frames: dict[int, tuple[Any, bytes]] = {}  # id(payload) -> (payload, its frame)
+
+        def call(value: Any) -> asyncio.Future[Any]:
+            known = frames.get(id(value))
+            if known is None or known[0] is not value:
+                data = codec.dumps(value)  # as many bytes as PB's (less its call header)
+                known = frames[id(value)] = (value, len(data).to_bytes(4, "big") + data)
+            future = loop.create_future()
+            answers.append((future, value))
+            transport.write(known[1])
+            return future
+
+        try:
+            return await drive(call, scenarios, repeat)
+        finally:
+            transport.close()
+            server.close()
+            await server.wait_closed()
+
+    return asyncio.run(main())
+
+
 def run_uvloop(scenarios: list[Scenario], repeat: int) -> Times:
     uvloop: Any = importlib.import_module("uvloop")
     return run_asyncio(scenarios, repeat, uvloop.new_event_loop)
@@ -275,7 +353,9 @@ def run_side(side: str, scenarios: list[Scenario], repeat: int, twisted_nodelay:
         return run_twisted(scenarios, repeat, twisted_nodelay)
     runners: dict[str, Callable[[list[Scenario], int], Times]] = {
         "asyncio": run_asyncio,
+        "asyncio-pure": run_asyncio,
         "uvloop": run_uvloop,
+        "echo": run_echo,
         "trio": run_trio,
         "blocking": run_blocking,
     }
@@ -297,6 +377,8 @@ def worker_command(side: str, args: argparse.Namespace, settings: dict[str, int]
 
 def run_worker(side: str, args: argparse.Namespace, settings: dict[str, int]) -> Times:
     env = dict(os.environ)
+    if side in PURE:
+        env["PBCORE_PURE"] = "1"
     if args.steady_malloc:
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), STEADY_MALLOC]))
     completed = subprocess.run(
@@ -421,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         return [value[which] for value in all_times[side][key]]
 
     print(
-        f"{'scenario':>15} {'side':>9} | {'time':>10} {'per call':>10} {'calls/s':>9} |"
-        f" {'Twisted/side: wall':>18} {'CPU':>6}"
+        f"{'scenario':>15} {'side':>14} | {'time':>10} {'per call':>10} {'median':>10} {'calls/s':>9} |"
+        f" {'Twisted/side: wall':>18} {'CPU':>6}" + (" | of the echo" if "echo" in sides else "")
     )
     results: list[dict[str, Any]] = []
     for scenario in scenarios:
@@ -433,9 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             seconds = min(values)
             ratios = [baselines[which] / min(figures(side, scenario.key, which)) for which in (0, 1)]
             label = scenario.label if side == sides[0] else ""
+            median = statistics.median(values) / scenario.calls
+            # The raw echo's best time over this side's: the share of what the loop itself moves.
+            of_echo = f" | {min(figures('echo', scenario.key)) / seconds:>11.1%}" if "echo" in sides else ""
             print(
-                f"{label:>15} {LABELS[side]:>9} | {fmt_time(seconds):>10} {fmt_time(seconds / scenario.calls):>10}"
-                f" {scenario.calls / seconds:>9.0f} | {ratios[0]:>17.2f}x {ratios[1]:>5.2f}x"
+                f"{label:>15} {LABELS[side]:>14} | {fmt_time(seconds):>10} {fmt_time(seconds / scenario.calls):>10}"
+                f" {fmt_time(median):>10} {scenario.calls / seconds:>9.0f} | {ratios[0]:>17.2f}x {ratios[1]:>5.2f}x"
+                + of_echo
             )
             results.append(
                 {

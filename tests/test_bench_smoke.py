@@ -103,7 +103,7 @@ def test_sockets_benchmark_runs(tmp_path: Path) -> None:
     optional = {"uvloop": "uvloop", "trio": "trio"}  # sides that need a package of their own
     sides = [
         side
-        for side in ("twisted", "asyncio", "uvloop", "trio", "blocking")
+        for side in ("twisted", "asyncio", "asyncio-pure", "uvloop", "trio", "blocking", "echo")
         if side not in optional or importlib.util.find_spec(optional[side]) is not None
     ]
     record_path = tmp_path / "sockets.json"
@@ -123,9 +123,12 @@ def test_sockets_benchmark_runs(tmp_path: Path) -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stderr
-    rows = [line.split("|") for line in completed.stdout.splitlines() if line.rstrip().endswith("x")]
-    expected = [side.capitalize() if side == "twisted" else side for side in sides]
+    # With the raw echo among the sides, each row ends with the side's share of it.
+    rows = [line.split("|") for line in completed.stdout.splitlines() if line.rstrip().endswith("%")]
+    last_words = {"twisted": "Twisted", "asyncio-pure": "(pure)"}
+    expected = [last_words.get(side, side) for side in sides]
     assert [row[0].split()[-1] for row in rows] == expected * 4, completed.stdout
+    assert all(row[-1].strip() == "100.0%" for row in rows if row[0].split()[-1] == "echo"), completed.stdout
     for scenario in ("sequential int", "pipelined int", "100 dicts", "100 KB bytes"):
         assert scenario in completed.stdout, scenario
 
@@ -136,3 +139,19 @@ def test_sockets_benchmark_runs(tmp_path: Path) -> None:
     ]
     for row in results:
         _positive_numbers(row, ("calls", "best_s", "median_s", "calls_per_s", "ratio", "ratio_wall", "ratio_cpu"))
+
+
+def test_idle_benchmark_runs() -> None:
+    """bench/idle.py --quick works and prints a figure per side (no figure is checked)."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "idle.py"), "--quick", "--sides", "twisted,asyncio"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "per idle PB connection" in completed.stdout
+    for side in ("twisted", "asyncio"):
+        assert any(line.split(":")[0].strip() == side and "KiB" in line for line in completed.stdout.splitlines())
+    assert "x Twisted's" in completed.stdout

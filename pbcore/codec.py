@@ -26,6 +26,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
+import attrs
+
 from .banana import (
     _INT_HEAD,
     _LIST_HEAD,
@@ -83,11 +85,13 @@ class _FusedJellier(Jellier):
         # a container, so unless the bound below is close to the limit the
         # result is fine; otherwise check what was actually produced.
         if self._inserts and (self._deferred or self._deepest + 2 + len(self._inserts) >= self._max_depth):
-            self._check_depth(data)
+            self._check_depth(data, depth)
         return data
 
-    def _check_depth(self, data: bytes) -> None:
-        checker = Decoder(self._banana.dialect, self._banana.limits)
+    def _check_depth(self, data: bytes, depth: int) -> None:
+        # The value sits *depth* lists down in its message: that much less room for it.
+        limits = attrs.evolve(self._banana.limits, max_depth=self._max_depth - depth)
+        checker = Decoder(self._banana.dialect, limits)
         checker.feed(data)
         try:
             checker.next_expression()
@@ -222,8 +226,8 @@ _ATOMS: Final[dict[type, bytes]] = {
     set: _STR_HEAD[3] + b"set",
     frozenset: _STR_HEAD[9] + b"frozenset",
 }
-#: What ValueEncoder._write_flat writes without a jellier (exact types: a subclass goes the general way).
-_FLAT_ATOMS: Final = frozenset({int, bytes, float, str, bool, type(None)})
+#: How deep ValueEncoder._write_flat nests containers (a call's arguments are a tuple).
+_FLAT_LEVELS: Final = 3
 _UNTRACKED: Final = frozenset({datetime.datetime, datetime.date, datetime.time, datetime.timedelta, decimal.Decimal})
 
 
@@ -251,6 +255,7 @@ class ValueEncoder:
         # The fused tables spell some atoms as vocabulary; outside pb fall
         # back to the two-step path, which is rarely used and still correct.
         self._fused = dialect == b"pb"
+        self._words = _VOCAB_ITEMS if self._fused else {}
 
     def encode(self, value: Any, invoker: Any = None) -> bytes:
         """The bytes of one value as a complete expression."""
@@ -265,7 +270,14 @@ class ValueEncoder:
         """
         size = len(head) + len(values)
         out = bytearray(_LIST_HEAD[size] if size < _TABLE_SIZE else int_to_b128(size) + b"\x80")
-        self._write_atoms(head, out, 1)
+        encode_into, words = self._banana.encode_into, self._words
+        for item in head:  # a command (a vocabulary word), ids, a name: Banana's atoms
+            if type(item) is int and 0 <= item < _TABLE_SIZE:
+                out += _INT_HEAD[item]
+            elif type(item) is bytes and item in words:
+                out += words[item]
+            else:
+                encode_into(item, out, 1)
         for value in values:
             if not self._fused:
                 out += self._encode(value, invoker, 1)
@@ -284,40 +296,20 @@ class ValueEncoder:
         return _FusedJellier(self, invoker).run(value, depth)
 
     def _write_flat(self, value: Any, out: bytearray, depth: int) -> bool:
-        """Write an atom, or a container holding only atoms, as the fused jellier would; else write nothing.
+        """Write a plain value as the fused jellier would; else write nothing and return False.
 
-        Most call arguments and answers are such values. They can hold no
-        shared container, so they need none of a jellier's tables: this saves
-        making one per value. Anything near a limit goes the general way,
-        which says what is wrong.
+        Plain: atoms, and containers of them nested at most three deep, none
+        met twice. Most call arguments and answers are plain; they need none
+        of a jellier's tables, which this saves making for each value.
+        Anything near a limit goes the general way, which says what is wrong.
         """
-        kind = type(value)
-        if kind in _FLAT_ATOMS:
-            if depth + 1 >= self._max_depth:
-                return False
-            self._write_atoms((value,), out, depth)
+        mark = len(out)
+        if self._write_items((value,), out, depth, _FLAT_LEVELS, set()):
             return True
-        if kind not in _ATOMS or len(value) >= self._flat_size or depth + 3 >= self._max_depth:
-            return False
-        if kind is dict:
-            for key, item in value.items():
-                if type(key) not in _FLAT_ATOMS or type(item) not in _FLAT_ATOMS:
-                    return False
-            out += _LIST_HEAD[len(value) + 1]
-            out += _ATOMS[kind]
-            for pair in value.items():
-                out += b"\x02\x80"
-                self._write_atoms(pair, out, depth + 2)
-            return True
-        for item in value:
-            if type(item) not in _FLAT_ATOMS:
-                return False
-        out += _LIST_HEAD[len(value) + 1]
-        out += _ATOMS[kind]
-        self._write_atoms(value, out, depth + 1)
-        return True
+        del out[mark:]
+        return False
 
-    def _write_atoms(self, items: Iterable[Any], out: bytearray, depth: int) -> None:
+    def _write_items(self, items: Iterable[Any], out: bytearray, depth: int, levels: int, seen: set[int]) -> bool:
         # The commonest atoms inline; the rest as _FusedJellier._write writes them.
         vocabulary, short, encode_into = _VOCAB_ITEMS, self._short, self._banana.encode_into
         for item in items:
@@ -327,14 +319,32 @@ class ValueEncoder:
             elif kind is bytes and len(item) < short and item not in vocabulary:
                 out += _STR_HEAD[len(item)]
                 out += item
+            elif kind is int or kind is bytes or kind is float:
+                encode_into(item, out, depth)
+            elif depth + 1 >= self._max_depth:
+                return False  # the forms below are lists: let the general way check
             elif kind is str:
                 _write_text(item, out, short, self._size_limit)
             elif item is None:
                 out += _NONE
             elif kind is bool:
                 out += _TRUE if item else _FALSE
+            elif kind in _ATOMS and levels and id(item) not in seen:
+                seen.add(id(item))  # met again, it would be a reference: the general way
+                if len(item) >= self._flat_size or depth + 3 >= self._max_depth:
+                    return False
+                out += _LIST_HEAD[len(item) + 1]
+                out += _ATOMS[kind]
+                if kind is dict:
+                    for pair in item.items():
+                        out += b"\x02\x80"
+                        if not self._write_items(pair, out, depth + 2, levels - 1, seen):
+                            return False
+                elif not self._write_items(item, out, depth + 1, levels - 1, seen):
+                    return False
             else:
-                encode_into(item, out, depth)
+                return False
+        return True
 
 
 _DEFAULT_ENCODER: Final = ValueEncoder()

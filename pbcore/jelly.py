@@ -852,14 +852,14 @@ _PLAIN: Final = frozenset({bytes, int, float})  # Banana's atoms stand for thems
 #: What :func:`flat_value` returns for an expression it leaves to :class:`Unjellier`.
 NOT_FLAT: Final = object()
 _FLAT_SEQUENCES: Final[dict[bytes, Callable[[list[Any]], Any]]] = {b"tuple": tuple, b"list": list}
-_FLAT_LEVELS: Final = 2  # containers nested this deep at most
+_FLAT_LEVELS: Final = 3  # containers nested this deep at most (a call's arguments are a tuple)
 
 
 def flat_value(sexp: Sexp, taster: SecurityOptions, limits: Limits = DEFAULT_LIMITS) -> Any:
     """The value of a plain expression, else :data:`NOT_FLAT`.
 
     Plain: atoms, strings, None and booleans, and tuples, lists and dictionaries of them,
-    nested at most two deep (dictionary keys are atoms or strings). For
+    nested at most three deep (dictionary keys are atoms or strings). For
     these the result is what ``Unjellier(taster, limits=limits).unjellyFull(sexp)``
     gives, without making an unjellier: most call arguments and answers are
     plain. Anything else, and anything in doubt (a subclass of

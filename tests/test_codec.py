@@ -275,14 +275,24 @@ _flat_atoms = st.one_of(
     st.builds(_Text, st.text(max_size=3)),
     st.builds(_Number, st.integers(0, 9)),
 )
-_flat_values = st.one_of(
+_flat_values = st.recursive(
     _flat_atoms,
-    st.lists(_flat_atoms, max_size=8),
-    st.lists(_flat_atoms, max_size=8).map(tuple),
-    st.dictionaries(
-        _flat_atoms.filter(lambda v: not (isinstance(v, float) and math.isnan(v))), _flat_atoms, max_size=6
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=8),
+        st.lists(inner, max_size=8).map(tuple),
+        st.dictionaries(_flat_atoms.filter(lambda v: not (isinstance(v, float) and math.isnan(v))), inner, max_size=6),
+        # The same container twice, and a container inside itself: references, the general way.
+        inner.map(lambda v: [v, v]),
+        st.just(None).map(lambda _: _cycle()),
     ),
+    max_leaves=16,
 )
+
+
+def _cycle() -> list[Any]:
+    box: list[Any] = [1]
+    box.append(box)
+    return box
 
 
 def _outcome(encode: Any, value: Any) -> tuple[str, Any]:
@@ -292,10 +302,30 @@ def _outcome(encode: Any, value: Any) -> tuple[str, Any]:
         return type(error).__name__, str(error)
 
 
-def _same(fused: tuple[str, Any], layered: tuple[str, Any]) -> bool:
+def _same(fused: tuple[str, Any], layered: tuple[str, Any], strict: bool) -> bool:
+    if fused[0] == "bytes" or layered[0] == "bytes":
+        return fused == layered
+    if not strict:  # shared parts: the two general paths word a refusal apart
+        return True
     # A value both unjellyable and too deep: the two-step path finds the first first, the fused
     # one (which checks the depth as it writes) may find the second. Both refuse it.
-    return fused == layered or (layered[0] == "NotJellyable" and fused[0] != "bytes")
+    return fused == layered or layered[0] == "NotJellyable"
+
+
+def _shares(value: Any) -> bool:
+    """Whether some container is met twice in *value* (then it travels as a reference)."""
+    seen: set[int] = set()
+
+    def walk(item: Any) -> bool:
+        if not isinstance(item, (list, tuple, dict, set, frozenset)):
+            return False
+        if id(item) in seen:
+            return True
+        seen.add(id(item))
+        parts = [p for pair in item.items() for p in pair] if isinstance(item, dict) else item
+        return any(walk(part) for part in parts)
+
+    return walk(value)
 
 
 # Size limits from 7: the fused encoder writes the fixed forms (None, booleans: b"boolean" is 7 bytes) as
@@ -305,6 +335,9 @@ def _same(fused: tuple[str, Any], layered: tuple[str, Any]) -> bool:
 @example(dict.fromkeys(range(7)), 5, 7)
 @example((1,), 2, 7)  # the deepest a flat container may be
 @example({"k": "v"}, 3, 7)  # in a message, the text is one level too deep
+@example([[[[1]]]], 5, 7)  # four deep: the general way
+@example(([1], [1]), 5, 7)  # equal, not the same: no reference
+@example(_cycle(), 3, 7)  # [reference, 1, [1, [dereference, 1]]]: at the limit once inside a message
 def test_flat_values_at_any_limit_are_the_two_step_bytes_or_error(value: Any, depth: int, size: int) -> None:
     # ValueEncoder writes atoms and flat containers without a jellier; near a limit it defers to the
     # general way. Either way: the two-step bytes, or the same refusal.
@@ -319,7 +352,8 @@ def test_flat_values_at_any_limit_are_the_two_step_bytes_or_error(value: Any, de
         def layered_list(v: Any, plain: banana.Encoder = plain, limits: banana.Limits = limits) -> bytes:
             return plain.encode([*head, jelly.jelly(v, limits=limits)])
 
-        assert _same(_outcome(fused.encode, value), _outcome(layered, value))
+        strict = not _shares(value)
+        assert _same(_outcome(fused.encode, value), _outcome(layered, value), strict)
         assert _same(
-            _outcome(lambda v, fused=fused: fused.encode_list(head, [v]), value), _outcome(layered_list, value)
+            _outcome(lambda v, fused=fused: fused.encode_list(head, [v]), value), _outcome(layered_list, value), strict
         )

@@ -1250,8 +1250,8 @@ def test_flat_value_leaves_what_it_cannot_vouch_for() -> None:
     assert flat([b"dictionary", [1, 1], [2, 2]], pbcore.jelly.globalSecurity, limits) == {1: 1, 2: 2}
     assert flat([b"dictionary", [1, 1], [2, 2], [3, 3]], pbcore.jelly.globalSecurity, limits) is not_flat
     assert flat([b"unicode", b"\xff"], pbcore.jelly.globalSecurity) is not_flat  # the general way says why
-    assert flat([b"list", [b"tuple"]], pbcore.jelly.globalSecurity) == [()]
-    assert flat([b"list", [b"list", [b"tuple"]]], pbcore.jelly.globalSecurity) is not_flat  # 3 deep
+    assert flat([b"list", [b"list", [b"tuple"]]], pbcore.jelly.globalSecurity) == [[()]]
+    assert flat([b"list", [b"list", [b"list", [b"tuple"]]]], pbcore.jelly.globalSecurity) is not_flat  # 4 deep
     assert flat([b"list", [b"list"]], pbcore.jelly.globalSecurity, Limits(max_depth=1)) is not_flat
     assert flat([b"dictionary", [[b"tuple"], 1]], pbcore.jelly.globalSecurity) is not_flat  # a key to meter
     assert flat("text", pbcore.jelly.globalSecurity) is not_flat  # type: ignore[arg-type]  # not an s-expression

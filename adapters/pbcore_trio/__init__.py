@@ -72,6 +72,7 @@ dispatcher hands it, and wires the broker's wake-up to trio.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -209,6 +210,14 @@ class Connection:
         self._flush_scheduled = False
         # True while our own code drives the broker synchronously and flushes right after.
         self._flush_follows = False
+        # The plain socket under a SocketStream, written at once when the writer is idle (None: a
+        # TLS or other stream, written by the writer task only).
+        self._raw = _raw_socket_of(stream)
+        self._sending = False  # the writer is in send_all (what it sends is still at the head of _outgoing)
+        # An output hook has written at once since the writer or the reader last ran: more output
+        # from hooks in this step (a window of calls) goes to the writer, in one send.
+        self._sent_at_once = False
+        self._polling = False
         self._thread = threading.get_ident()
         # While the reader handles what one chunk brought, settled results wait
         # here: their tasks wake up once the calls that came before the answer
@@ -332,34 +341,71 @@ class Connection:
 
     def _output_queued(self) -> None:
         # A call, an answer or the broker closing queued output, and the broker
-        # is consistent: hand it to the writer now, sparing the wake-up's trip
-        # through trio's wake-up socket on every call. (Even while a chunk is
-        # handled: an answer taken now still goes out if a later call closes
-        # the broker, which drops what it holds.)
+        # is consistent: take it now, sparing the wake-up's trip through trio's
+        # wake-up socket on every call. (Even while a chunk is handled: an answer
+        # taken now still goes out if a later call closes the broker, which drops
+        # what it holds; the flush that follows the chunk writes it.) Outside a
+        # chunk (a call the application makes, an async call's answer) it is
+        # written at once if the writer is idle: a round trip needs no task switch.
         if threading.get_ident() != self._thread:
             self._wake_up()
+        elif self._flush_follows:
+            self._flush(_TAKE)
         else:
-            self._flush()
+            self._flush(_HOOK)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
         self._flush()
+        if self._unpolled and not self._polling:
+            self._poll()
 
-    def _flush(self) -> None:
-        """Take what the broker has to send; the writer task writes it."""
+    def _flush(self, mode: int = 0) -> None:
+        """Take what the broker has to send, and write it: at once if the writer is idle, else the writer does.
+
+        *mode* 0: write (all of it the socket takes now, the rest by the writer);
+        ``_HOOK``: the same, unless a hook has written at once in this step
+        already (then the writer writes it, with what else comes, in one send),
+        and poll the timers after (the call just made may have a deadline);
+        ``_TAKE``: only take it (the flush that follows writes it).
+        """
         if self._stopping:
             return
         data = self.broker.data_to_send()
         if data:
             self._outgoing += data
-            self._wanted.set()
             self._unpolled = True
+        if self._outgoing and mode != _TAKE and not self._sending:
+            if self._raw is not None and not (mode == _HOOK and self._sent_at_once) and not self.dispatcher.queued:
+                self._send_at_once(self._raw)
+                if mode == _HOOK:
+                    self._sent_at_once = True
+            if self._outgoing:
+                self._wanted.set()  # the rest (the socket's buffer is full), or a TLS stream: the writer's
+            elif mode == _HOOK and self._unpolled and not self._polling:
+                self._poll()  # as the writer would have: arm the deadline of the call just made
         if self.broker.closed and not self._draining:
             # It closed itself (the application called connection_lost, or a peer
             # went over MAX_BROKER_REFS): read no more; run() writes what is queued and closes.
             self._draining = True
             self.close_reason = self.broker.close_reason
             self._reading.cancel()
+
+    def _send_at_once(self, raw: socket.socket) -> None:
+        # Write what the socket takes now, without a task switch; the writer is
+        # idle, so _outgoing is all unwritten, in order. A failure closes the
+        # connection as the writer's does (with trio's error for it).
+        try:
+            sent = raw.send(self._outgoing)
+        except (BlockingIOError, InterruptedError):
+            return  # the writer waits until the socket can take it
+        except OSError as error:
+            self._stop(_stream_error(error))
+            return
+        if sent:
+            del self._outgoing[:sent]
+            self._progress.set()  # as the writer does after each chunk
+            self._progress = trio.Event()
 
     async def _wait_backlog(self, limit: int) -> None:
         while len(self._outgoing) > limit and not self._stopping:
@@ -398,6 +444,7 @@ class Connection:
             if not data:  # EOF
                 self._stop(None)
                 return
+            self._sent_at_once = False  # a new step: a hook may write at once again
             self._held = []
             try:
                 self._flush_follows = True
@@ -454,8 +501,14 @@ class Connection:
         # Run the timers now. A deadline sooner than the wake-up's moves it; a
         # later one (input moves the idle deadline on every read) waits for the
         # wake-up, which polls and goes back to sleep: the hot path stays a poll.
+        # (What a poll queues, a probe say, is flushed from the output hook,
+        # which does not poll again.)
         self._unpolled = False
-        deadline = self.timers.poll(self._now())
+        self._polling = True
+        try:
+            deadline = self.timers.poll(self._now())
+        finally:
+            self._polling = False
         if deadline is not None and deadline < self._wake_at:
             self._wake_at = self._sleep.deadline = deadline
 
@@ -471,17 +524,21 @@ class Connection:
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()
+            self._sent_at_once = False
             if self._unpolled:
                 # New output (the output hook woke us), and no poll since: arm the
                 # deadlines of the calls just made. Once, here, for a batch of output.
                 self._poll()
             while self._outgoing:
                 chunk = self._outgoing[: self._high_water]  # a large message in one send
+                self._sending = True
                 try:
                     await self.stream.send_all(chunk)
                 except _STREAM_ERRORS as error:
                     self._stop(error)
                     return
+                finally:
+                    self._sending = False
                 del self._outgoing[: len(chunk)]
                 self._progress.set()
                 self._progress = trio.Event()
@@ -489,6 +546,27 @@ class Connection:
                     # Start the calls that waited for the output to drain (their answers, if plain, join
                     # _outgoing now and go out in this loop).
                     self.dispatcher.resume()
+
+
+#: How :meth:`Connection._flush` is called: from the output hook, or only to take the output.
+_HOOK, _TAKE = 1, 2
+
+
+def _raw_socket_of(stream: trio.abc.Stream) -> socket.socket | None:
+    """The standard socket under a plain :class:`trio.SocketStream` (not TLS), to write to at once; else None."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    raw = getattr(stream.socket, "_sock", None)  # trio's socket wraps a non-blocking standard one
+    return raw if isinstance(raw, socket.socket) and raw.type == socket.SOCK_STREAM else None
+
+
+def _stream_error(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """What trio's ``send_all`` raises for *error* (so that a connection closes with the same reason either way)."""
+    if error.errno in (errno.EBADF, errno.ENOTSOCK):
+        return trio.ClosedResourceError("this socket was already closed")
+    broken = trio.BrokenResourceError(f"socket connection broken: {error}")
+    broken.__cause__ = error
+    return broken
 
 
 def _socket_of(obj: Any) -> Any:

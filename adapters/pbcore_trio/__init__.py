@@ -218,6 +218,7 @@ class Connection:
         # from hooks in this step (a window of calls) goes to the writer, in one send.
         self._sent_at_once = False
         self._polling = False
+        self._read_full = False  # the last read filled a chunk: read again without waiting
         self._thread = threading.get_ident()
         # While the reader handles what one chunk brought, settled results wait
         # here: their tasks wake up once the calls that came before the answer
@@ -437,7 +438,7 @@ class Connection:
         while True:
             await self._wait_to_read()
             try:
-                data = await self.stream.receive_some(CHUNK)
+                data = await self._receive()
             except _STREAM_ERRORS as error:
                 self._stop(error)
                 return
@@ -461,6 +462,27 @@ class Connection:
                 self._release_held()
             self._flush()
             self._poll()
+
+    async def _receive(self) -> bytes:
+        # The next chunk (b"": EOF). On a plain socket, after a read shorter
+        # than a chunk (the socket is most likely empty: a round trip's answer)
+        # wait until it is readable before reading, sparing the read that finds
+        # nothing; after a full chunk read again at once, as trio's receive_some.
+        raw = self._raw
+        if raw is None or self._read_full:
+            data = await self.stream.receive_some(CHUNK)
+        else:
+            while True:
+                await trio.lowlevel.wait_readable(raw)
+                try:
+                    data = raw.recv(CHUNK)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    continue  # woken for nothing: wait again
+                except OSError as error:
+                    raise _stream_error(error) from None
+        self._read_full = len(data) == CHUNK
+        return data
 
     async def _start_calls(self) -> None:
         # A function of its own, so that no event (holding a result, which may

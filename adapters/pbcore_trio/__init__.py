@@ -463,7 +463,7 @@ class Connection:
             self._flush()
             self._poll()
 
-    async def _receive(self) -> bytes:
+    async def _receive(self) -> bytes | bytearray:
         # The next chunk (b"": EOF). On a plain socket, after a read shorter
         # than a chunk (the socket is most likely empty: a round trip's answer)
         # wait until it is readable before reading, sparing the read that finds

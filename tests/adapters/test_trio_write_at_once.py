@@ -229,7 +229,7 @@ def test_tls_and_unix_sockets_take_the_path_they_can(tmp_path: Path) -> None:
             factory = PBClientFactory()
             async with pbcore_trio.open_unix_connection(factory, path) as connection:
                 root = await factory.getRootObject()
-                sends, by_writer = watch(connection)
+                sends, _ = watch(connection)
                 for n in range(5):
                     assert await root.callRemote("echo", n, big) == [[n, big], {}]
                 assert sends.sends

@@ -219,6 +219,7 @@ class Connection:
         self._sent_at_once = False
         self._polling = False
         self._read_full = False  # the last read filled a chunk: read again without waiting
+        self._backlog_waiters = 0  # tasks in _wait_backlog (a write at once sets _progress for them)
         self._thread = threading.get_ident()
         # While the reader handles what one chunk brought, settled results wait
         # here: their tasks wake up once the calls that came before the answer
@@ -405,12 +406,17 @@ class Connection:
             return
         if sent:
             del self._outgoing[:sent]
-            self._progress.set()  # as the writer does after each chunk
-            self._progress = trio.Event()
+            if self._backlog_waiters:
+                self._progress.set()  # as the writer does after each chunk
+                self._progress = trio.Event()
 
     async def _wait_backlog(self, limit: int) -> None:
         while len(self._outgoing) > limit and not self._stopping:
-            await self._progress.wait()  # the writer sets it, and replaces it, after each chunk
+            self._backlog_waiters += 1
+            try:
+                await self._progress.wait()  # the writer sets it, and replaces it, after each chunk
+            finally:
+                self._backlog_waiters -= 1
 
     async def _wait_idle(self) -> None:
         """Wait until no call of the peer's runs and what is queued is written (or the connection stops)."""
@@ -457,10 +463,11 @@ class Connection:
                     return
                 finally:
                     self._flush_follows = False
-                await self._start_calls()
+                spawned = await self._start_calls()
             finally:
                 self._release_held()
-            self._flush()
+            if spawned:
+                self._flush()  # what the async calls wrote in their first steps (else nothing came since)
             self._poll()
 
     async def _receive(self) -> bytes | bytearray:
@@ -484,7 +491,7 @@ class Connection:
         self._read_full = len(data) == CHUNK
         return data
 
-    async def _start_calls(self) -> None:
+    async def _start_calls(self) -> bool:
         # A function of its own, so that no event (holding a result, which may
         # be a reference the application has dropped since) outlives the call.
         self._flush_follows = True
@@ -495,8 +502,10 @@ class Connection:
         self._flush()
         # The dispatcher starts the next call once an async one has run up to its
         # first wait: the results held wake up only once every call read has.
+        spawned = bool(self._unstarted)
         while self._unstarted and not self._stopping:
             await self._call_started.wait()
+        return spawned
 
     def _spawn(self, call: Coroutine[Any, Any, None]) -> Callable[[], object]:
         # The dispatcher's way to run an async call: a task of this connection's,

@@ -46,20 +46,26 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 class Watched:
-    """Stands for a connection's plain socket: counts the sends written at once (and what each took).
+    """Stands for a connection's plain socket: counts the sends written at once (and what each took: 0 if none).
 
-    *fail*, once set, is what the next send raises.
+    *fail*, once set, is what the next send raises; *limit*, if set, the most
+    a send takes (as a socket whose buffer is nearly full would).
     """
 
     def __init__(self, raw: socket.socket) -> None:
         self.raw = raw
         self.sends: list[tuple[int, int]] = []  # (bytes offered, bytes taken)
         self.fail: OSError | None = None
+        self.limit: int | None = None
 
     def send(self, data: Any) -> int:
         if self.fail is not None:
             raise self.fail
-        sent = self.raw.send(data)
+        try:
+            sent = self.raw.send(data if self.limit is None else data[: self.limit])
+        except BlockingIOError:
+            self.sends.append((len(data), 0))  # the socket takes nothing now
+            raise
         self.sends.append((len(data), sent))
         return sent
 
@@ -147,6 +153,7 @@ def test_a_peer_that_reads_late_gets_every_byte_in_order_once_the_socket_takes_p
                 broker.receive_data(bytes(await stream.receive_some(65536)))
             (served,) = server.connections
             sends, by_writer = watch(served)
+            sends.limit = 50_000
             pending: list[Any] = []
             for n, size in enumerate(sizes):
                 pending.append(broker.root().callRemote("echo", payload(n, size)))
@@ -174,11 +181,12 @@ def test_large_calls_and_answers_both_ways_arrive_whole_whatever_path_they_take(
                 root = await factory.getRootObject()
                 (served,) = server.connections
                 client_sends, client_writer = watch(connection)
-                server_sends, _ = watch(served)
+                server_sends, server_writer = watch(served)
+                client_sends.limit = server_sends.limit = 100_000
                 for n in range(6):
                     big, other = payload(n, 600_000), payload(n + 100, 600_000)
                     assert await root.callRemote("echo", big, n, other) == [[big, n, other], {}]
-                assert client_sends.sends and server_sends.sends
+                assert client_sends.partial and server_sends.partial and client_writer and server_writer
                 # A window (under the output's high-water mark: past it both sides would stop reading).
                 window = [root.callRemote("echo", payload(n, 5000 * (n % 3))) for n in range(40)]
                 assert [await result for result in window] == [[[payload(n, 5000 * (n % 3))], {}] for n in range(40)]

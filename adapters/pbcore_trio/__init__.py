@@ -377,15 +377,24 @@ class Connection:
         if data:
             self._outgoing += data
             self._unpolled = True
-        if self._outgoing and mode != _TAKE and not self._sending:
-            if self._raw is not None and not (mode == _HOOK and self._sent_at_once) and not self.dispatcher.queued:
+        if self._outgoing and mode != _TAKE:
+            if (
+                self._raw is not None
+                and not self._sending
+                and not (mode == _HOOK and self._sent_at_once)
+                and not self.dispatcher.queued  # calls wait for the output to drain: the writer resumes them
+            ):
                 self._send_at_once(self._raw)
                 if mode == _HOOK:
                     self._sent_at_once = True
             if self._outgoing:
-                self._wanted.set()  # the rest (the socket's buffer is full), or a TLS stream: the writer's
-            elif mode == _HOOK and self._unpolled and not self._polling:
-                self._poll()  # as the writer would have: arm the deadline of the call just made
+                # The rest (the socket's buffer is full), a TLS stream, or behind a send in
+                # progress: the writer's (which polls the timers when it wakes).
+                self._wanted.set()
+            if mode == _HOOK and self._unpolled and not self._polling and (self._sending or not self._outgoing):
+                # Arm the deadline of the call just made now, as the writer does when it wakes:
+                # it will not wake (all is written), or not soon (it is in a send the peer may never take).
+                self._poll()
         if self.broker.closed and not self._draining:
             # It closed itself (the application called connection_lost, or a peer
             # went over MAX_BROKER_REFS): read no more; run() writes what is queued and closes.

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from pbcore.broker import Broker, PendingCall
-from pbcore.errors import PBConnectionLost
+from pbcore.errors import CallTimedOut, PBConnectionLost
 from pbcore.factory import PBClientFactory, PBServerFactory
 from tests.adapters.certs import make_certificate
 from tests.adapters.services import PeerRootMaker
@@ -242,5 +242,38 @@ def test_tls_and_unix_sockets_take_the_path_they_can(tmp_path: Path) -> None:
                     assert await root.callRemote("echo", n, big) == [[n, big], {}]
                 assert sends.sends
             server.close()
+
+    run(body)
+
+
+def test_a_call_made_behind_a_send_in_progress_still_has_its_deadline_armed() -> None:
+    # The peer completes the handshake and never reads again: the writer ends up
+    # inside a send the socket cannot take. A call made then queues behind it
+    # (nothing is written at once), and its pbtimeout still runs.
+    async def body() -> None:
+        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        async with listener:
+            factory = PBClientFactory()  # the default timeouts: only the call's deadline is short
+            port = listener.socket.getsockname()[1]
+            async with pbcore_trio.open_connection(factory, "127.0.0.1", port) as connection:
+                accepted = await listener.accept()
+                peer = Broker(is_client=False)
+                peer.connection_made()
+                await accepted.send_all(peer.data_to_send())  # the dialect offer
+                peer.receive_data(bytes(await accepted.receive_some(65536)))  # the client's choice
+                await accepted.send_all(peer.data_to_send())
+                root = await factory.getRootObject()
+                for n in range(100):
+                    root.callRemote("echo", payload(n, 600_000))
+                    await trio.sleep(0.01)
+                    if connection._sending:
+                        break
+                assert connection._sending and connection.backlog > 0
+                started = trio.current_time()
+                with pytest.raises(CallTimedOut), trio.fail_after(5):
+                    await root.callRemote("echo", 1, pbtimeout=0.3)
+                assert trio.current_time() - started < 5
+                connection.close()
+                await accepted.aclose()
 
     run(body)

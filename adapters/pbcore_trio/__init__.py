@@ -39,7 +39,13 @@ This is also the adapter for anyio applications on the trio backend (they run
 on trio, so everything here works unchanged under ``anyio.run(...,
 backend="trio")``).
 
-Memory stays bounded when a peer stops reading: bytes go out through the
+On a plain TCP or unix socket, output is written at once (a non-blocking
+send, from the task that made it, or by the reader for the answers to what it
+read) when the connection's writer task is idle: a round trip needs no task
+switch. What the socket does not take, output queued behind a send in
+progress, and everything on a TLS stream go out through the writer task.
+
+Memory stays bounded when a peer stops reading: the writer sends through the
 stream's ``send_all`` up to the broker's ``Limits.output_high_water`` at a
 time; while more than that waits to be written no further call starts (the
 dispatcher counts this backlog, see :mod:`pbcore.serving`) and this side

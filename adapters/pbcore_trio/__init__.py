@@ -145,7 +145,8 @@ class PendingResult:
     ) -> None:
         self._on_cancel = on_cancel
         self._on_settle = on_settle
-        self._event = trio.Event()
+        self._woken = False
+        self._waiters: list[trio.lowlevel.Task] = []  # the tasks awaiting it, parked until wake()
         self._value: Any = None
         self._error: BaseException | None = None
         self.done = False
@@ -168,15 +169,25 @@ class PendingResult:
 
     def wake(self) -> None:
         """Let the awaiting task go on."""
-        self._event.set()
+        if not self._woken:
+            self._woken = True
+            waiters, self._waiters = self._waiters, []
+            for task in waiters:
+                trio.lowlevel.reschedule(task)
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._wait().__await__()
+        # What trio.Event().wait() does, without an event per call: park the
+        # task until wake() (no checkpoint if woken already, as an event set).
+        if not self._woken:
+            task = trio.lowlevel.current_task()
+            self._waiters.append(task)
 
-    async def _wait(self) -> Any:
-        if not self._event.is_set():
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self._waiters.remove(task)
+                return trio.lowlevel.Abort.SUCCEEDED
+
             try:
-                await self._event.wait()
+                yield from trio.lowlevel.wait_task_rescheduled(abort).__await__()
             except trio.Cancelled:
                 if not self.done and self._on_cancel is not None:
                     self._on_cancel(self)
@@ -456,8 +467,10 @@ class Connection:
                 return
 
     async def _reader(self) -> None:
+        high_water, dispatcher = self._high_water, self.dispatcher
         while True:
-            await self._wait_to_read()
+            if len(self._outgoing) > high_water or not dispatcher.wants_input:
+                await self._wait_to_read()  # (not called when it would return at once: the hot path)
             try:
                 data = await self._receive()
             except _STREAM_ERRORS as error:
@@ -478,7 +491,10 @@ class Connection:
                     return
                 finally:
                     self._flush_follows = False
-                spawned = await self._start_calls()
+                self._start_calls()
+                spawned = self._unstarted
+                if spawned:
+                    await self._wait_started()
             finally:
                 self._release_held()
             if spawned:
@@ -506,7 +522,7 @@ class Connection:
         self._read_full = len(data) == CHUNK
         return data
 
-    async def _start_calls(self) -> bool:
+    def _start_calls(self) -> None:
         # A function of its own, so that no event (holding a result, which may
         # be a reference the application has dropped since) outlives the call.
         self._flush_follows = True
@@ -515,12 +531,12 @@ class Connection:
         finally:
             self._flush_follows = False
         self._flush()
+
+    async def _wait_started(self) -> None:
         # The dispatcher starts the next call once an async one has run up to its
         # first wait: the results held wake up only once every call read has.
-        spawned = bool(self._unstarted)
         while self._unstarted and not self._stopping:
             await self._call_started.wait()
-        return spawned
 
     def _spawn(self, call: Coroutine[Any, Any, None]) -> Callable[[], object]:
         # The dispatcher's way to run an async call: a task of this connection's,

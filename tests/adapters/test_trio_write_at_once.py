@@ -277,3 +277,29 @@ def test_a_call_made_behind_a_send_in_progress_still_has_its_deadline_armed() ->
                 await accepted.aclose()
 
     run(body)
+
+
+def test_a_pending_result_wakes_every_task_awaiting_it_and_forgets_a_cancelled_one() -> None:
+    async def body() -> None:
+        cancelled: list[pbcore_trio.PendingResult] = []
+        pending = pbcore_trio.PendingResult(on_cancel=cancelled.append)
+        got: list[Any] = []
+
+        async def wait() -> None:
+            got.append(await pending)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            nursery.start_soon(wait)
+            with trio.move_on_after(0.05):
+                await pending  # cancelled while waiting: forgotten, the call told
+            assert cancelled == [pending]
+            pending.resolve("answer")
+        assert got == ["answer", "answer"]
+        assert await pending == "answer"  # settled: at once
+        failed = pbcore_trio.PendingResult()
+        failed.fail(ValueError("no"))
+        with pytest.raises(ValueError, match="no"):
+            await failed
+
+    run(body)

@@ -78,6 +78,7 @@ dispatcher hands it, and wires the broker's wake-up to trio.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import logging
@@ -370,6 +371,16 @@ class Connection:
             self._wake_up()
         elif self._flush_follows:
             self._flush(_TAKE)
+        elif _CALL_OF.get() is self:
+            # A call of this connection's peer is running: its answer is written once the
+            # call is over (the dispatcher logs a failure after queueing its error answer,
+            # and the peer must not see the answer first); the writer is the backstop, for
+            # output the call makes before it awaits something.
+            self._flush(_TAKE)
+            if self._outgoing:
+                self._wanted.set()
+                if self._sending and self._unpolled and not self._polling:
+                    self._poll()  # the writer is in a send the peer may never take: arm a deadline now
         else:
             self._flush(_HOOK)
 
@@ -551,10 +562,14 @@ class Connection:
         self._unstarted -= 1
         self._call_started.set()  # the reader runs after this step, when the call has reached its first wait
         self._call_started = trio.Event()
+        _CALL_OF.set(self)  # this task's own (trio gives each task a copy of the context)
         try:
             with scope:
                 await call  # answers (the broker's on_output hands the answer to the writer)
         finally:
+            # The answer, taken while the call ran: written at once now that the dispatcher
+            # is done with it (it logs a failure after queueing the error answer).
+            self._flush()
             if not self.dispatcher.running:
                 self._calls_done.set()
                 self._calls_done = trio.Event()
@@ -612,6 +627,8 @@ class Connection:
 
 #: How :meth:`Connection._flush` is called: from the output hook, or only to take the output.
 _HOOK, _TAKE = 1, 2
+#: In the task of a served call: the connection whose call it is.
+_CALL_OF: contextvars.ContextVar[Connection | None] = contextvars.ContextVar("pbcore_trio_call_of", default=None)
 
 
 def _raw_socket_of(stream: trio.abc.Stream) -> socket.socket | None:

@@ -565,7 +565,7 @@ class Connection:
         _CALL_OF.set(self)  # this task's own (trio gives each task a copy of the context)
         try:
             with scope:
-                await call  # answers (the broker's on_output hands the answer to the writer)
+                await call  # answers (the output hook takes the answer; written just below)
         finally:
             # The answer, taken while the call ran: written at once now that the dispatcher
             # is done with it (it logs a failure after queueing the error answer).

@@ -39,7 +39,13 @@ This is also the adapter for anyio applications on the trio backend (they run
 on trio, so everything here works unchanged under ``anyio.run(...,
 backend="trio")``).
 
-Memory stays bounded when a peer stops reading: bytes go out through the
+On a plain TCP or unix socket, output is written at once (a non-blocking
+send, from the task that made it, or by the reader for the answers to what it
+read) when the connection's writer task is idle: a round trip needs no task
+switch. What the socket does not take, output queued behind a send in
+progress, and everything on a TLS stream go out through the writer task.
+
+Memory stays bounded when a peer stops reading: the writer sends through the
 stream's ``send_all`` up to the broker's ``Limits.output_high_water`` at a
 time; while more than that waits to be written no further call starts (the
 dispatcher counts this backlog, see :mod:`pbcore.serving`) and this side
@@ -72,6 +78,8 @@ dispatcher hands it, and wires the broker's wake-up to trio.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import functools
 import logging
 import math
@@ -138,7 +146,8 @@ class PendingResult:
     ) -> None:
         self._on_cancel = on_cancel
         self._on_settle = on_settle
-        self._event = trio.Event()
+        self._woken = False
+        self._waiters: list[trio.lowlevel.Task] = []  # the tasks awaiting it, parked until wake()
         self._value: Any = None
         self._error: BaseException | None = None
         self.done = False
@@ -161,15 +170,25 @@ class PendingResult:
 
     def wake(self) -> None:
         """Let the awaiting task go on."""
-        self._event.set()
+        if not self._woken:
+            self._woken = True
+            waiters, self._waiters = self._waiters, []
+            for task in waiters:
+                trio.lowlevel.reschedule(task)
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._wait().__await__()
+        # What trio.Event().wait() does, without an event per call: park the
+        # task until wake() (no checkpoint if woken already, as an event set).
+        if not self._woken:
+            task = trio.lowlevel.current_task()
+            self._waiters.append(task)
 
-    async def _wait(self) -> Any:
-        if not self._event.is_set():
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self._waiters.remove(task)
+                return trio.lowlevel.Abort.SUCCEEDED
+
             try:
-                await self._event.wait()
+                yield from trio.lowlevel.wait_task_rescheduled(abort).__await__()
             except trio.Cancelled:
                 if not self.done and self._on_cancel is not None:
                     self._on_cancel(self)
@@ -209,6 +228,16 @@ class Connection:
         self._flush_scheduled = False
         # True while our own code drives the broker synchronously and flushes right after.
         self._flush_follows = False
+        # The plain socket under a SocketStream, written at once when the writer is idle (None: a
+        # TLS or other stream, written by the writer task only).
+        self._raw = _raw_socket_of(stream)
+        self._sending = False  # the writer is in send_all (what it sends is still at the head of _outgoing)
+        # An output hook has written at once since the writer or the reader last ran: more output
+        # from hooks in this step (a window of calls) goes to the writer, in one send.
+        self._sent_at_once = False
+        self._polling = False
+        self._read_full = False  # the last read filled a chunk: read again without waiting
+        self._backlog_waiters = 0  # tasks in _wait_backlog (a write at once sets _progress for them)
         self._thread = threading.get_ident()
         # While the reader handles what one chunk brought, settled results wait
         # here: their tasks wake up once the calls that came before the answer
@@ -332,28 +361,68 @@ class Connection:
 
     def _output_queued(self) -> None:
         # A call, an answer or the broker closing queued output, and the broker
-        # is consistent: hand it to the writer now, sparing the wake-up's trip
-        # through trio's wake-up socket on every call. (Even while a chunk is
-        # handled: an answer taken now still goes out if a later call closes
-        # the broker, which drops what it holds.)
+        # is consistent: take it now, sparing the wake-up's trip through trio's
+        # wake-up socket on every call. (Even while a chunk is handled: an answer
+        # taken now still goes out if a later call closes the broker, which drops
+        # what it holds; the flush that follows the chunk writes it.) Outside a
+        # chunk (a call the application makes, an async call's answer) it is
+        # written at once if the writer is idle: a round trip needs no task switch.
         if threading.get_ident() != self._thread:
             self._wake_up()
+        elif self._flush_follows:
+            self._flush(_TAKE)
+        elif _CALL_OF.get() is self:
+            # A call of this connection's peer is running: its answer is written once the
+            # call is over (the dispatcher logs a failure after queueing its error answer,
+            # and the peer must not see the answer first); the writer is the backstop, for
+            # output the call makes before it awaits something.
+            self._flush(_TAKE)
+            if self._outgoing:
+                self._wanted.set()
+                if self._sending and self._unpolled and not self._polling:
+                    self._poll()  # the writer is in a send the peer may never take: arm a deadline now
         else:
-            self._flush()
+            self._flush(_HOOK)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
         self._flush()
+        if self._unpolled and not self._polling:
+            self._poll()
 
-    def _flush(self) -> None:
-        """Take what the broker has to send; the writer task writes it."""
+    def _flush(self, mode: int = 0) -> None:
+        """Take what the broker has to send, and write it: at once if the writer is idle, else the writer does.
+
+        *mode* 0: write (all of it the socket takes now, the rest by the writer);
+        ``_HOOK``: the same, unless a hook has written at once in this step
+        already (then the writer writes it, with what else comes, in one send),
+        and poll the timers after (the call just made may have a deadline);
+        ``_TAKE``: only take it (the flush that follows writes it).
+        """
         if self._stopping:
             return
         data = self.broker.data_to_send()
         if data:
             self._outgoing += data
-            self._wanted.set()
             self._unpolled = True
+        if self._outgoing and mode != _TAKE:
+            if (
+                self._raw is not None
+                and not self._sending
+                and not (mode == _HOOK and self._sent_at_once)
+                and not self.dispatcher.queued  # calls wait for the output to drain: the writer resumes them
+            ):
+                self._send_at_once(self._raw)
+                if mode == _HOOK:
+                    self._sent_at_once = True
+            if self._outgoing:
+                # The rest (the socket's buffer is full), a TLS stream, or behind a send in
+                # progress: the writer's (which polls the timers when it wakes).
+                self._wanted.set()
+            if mode == _HOOK and self._unpolled and not self._polling and (self._sending or not self._outgoing):
+                # Arm the deadline of the call just made now, as the writer does when it wakes:
+                # it will not wake (all is written), or not soon (it is in a send the peer may never take).
+                self._poll()
         if self.broker.closed and not self._draining:
             # It closed itself (the application called connection_lost, or a peer
             # went over MAX_BROKER_REFS): read no more; run() writes what is queued and closes.
@@ -361,9 +430,30 @@ class Connection:
             self.close_reason = self.broker.close_reason
             self._reading.cancel()
 
+    def _send_at_once(self, raw: socket.socket) -> None:
+        # Write what the socket takes now, without a task switch; the writer is
+        # idle, so _outgoing is all unwritten, in order. A failure closes the
+        # connection as the writer's does (with trio's error for it).
+        try:
+            sent = raw.send(self._outgoing)
+        except (BlockingIOError, InterruptedError):
+            return  # the writer waits until the socket can take it
+        except OSError as error:
+            self._stop(_stream_error(error))
+            return
+        if sent:
+            del self._outgoing[:sent]
+            if self._backlog_waiters:
+                self._progress.set()  # as the writer does after each chunk
+                self._progress = trio.Event()
+
     async def _wait_backlog(self, limit: int) -> None:
         while len(self._outgoing) > limit and not self._stopping:
-            await self._progress.wait()  # the writer sets it, and replaces it, after each chunk
+            self._backlog_waiters += 1
+            try:
+                await self._progress.wait()  # the writer sets it, and replaces it, after each chunk
+            finally:
+                self._backlog_waiters -= 1
 
     async def _wait_idle(self) -> None:
         """Wait until no call of the peer's runs and what is queued is written (or the connection stops)."""
@@ -388,16 +478,19 @@ class Connection:
                 return
 
     async def _reader(self) -> None:
+        high_water, dispatcher = self._high_water, self.dispatcher
         while True:
-            await self._wait_to_read()
+            if len(self._outgoing) > high_water or not dispatcher.wants_input:
+                await self._wait_to_read()  # (not called when it would return at once: the hot path)
             try:
-                data = await self.stream.receive_some(CHUNK)
+                data = await self._receive()
             except _STREAM_ERRORS as error:
                 self._stop(error)
                 return
             if not data:  # EOF
                 self._stop(None)
                 return
+            self._sent_at_once = False  # a new step: a hook may write at once again
             self._held = []
             try:
                 self._flush_follows = True
@@ -409,13 +502,38 @@ class Connection:
                     return
                 finally:
                     self._flush_follows = False
-                await self._start_calls()
+                self._start_calls()
+                spawned = self._unstarted
+                if spawned:
+                    await self._wait_started()
             finally:
                 self._release_held()
-            self._flush()
+            if spawned:
+                self._flush()  # what the async calls wrote in their first steps (else nothing came since)
             self._poll()
 
-    async def _start_calls(self) -> None:
+    async def _receive(self) -> bytes | bytearray:
+        # The next chunk (b"": EOF). On a plain socket, after a read shorter
+        # than a chunk (the socket is most likely empty: a round trip's answer)
+        # wait until it is readable before reading, sparing the read that finds
+        # nothing; after a full chunk read again at once, as trio's receive_some.
+        raw = self._raw
+        if raw is None or self._read_full:
+            data = await self.stream.receive_some(CHUNK)
+        else:
+            while True:
+                await trio.lowlevel.wait_readable(raw)
+                try:
+                    data = raw.recv(CHUNK)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    continue  # woken for nothing: wait again
+                except OSError as error:
+                    raise _stream_error(error) from None
+        self._read_full = len(data) == CHUNK
+        return data
+
+    def _start_calls(self) -> None:
         # A function of its own, so that no event (holding a result, which may
         # be a reference the application has dropped since) outlives the call.
         self._flush_follows = True
@@ -424,6 +542,8 @@ class Connection:
         finally:
             self._flush_follows = False
         self._flush()
+
+    async def _wait_started(self) -> None:
         # The dispatcher starts the next call once an async one has run up to its
         # first wait: the results held wake up only once every call read has.
         while self._unstarted and not self._stopping:
@@ -442,10 +562,14 @@ class Connection:
         self._unstarted -= 1
         self._call_started.set()  # the reader runs after this step, when the call has reached its first wait
         self._call_started = trio.Event()
+        _CALL_OF.set(self)  # this task's own (trio gives each task a copy of the context)
         try:
             with scope:
-                await call  # answers (the broker's on_output hands the answer to the writer)
+                await call  # answers (the output hook takes the answer; written just below)
         finally:
+            # The answer, taken while the call ran: written at once now that the dispatcher
+            # is done with it (it logs a failure after queueing the error answer).
+            self._flush()
             if not self.dispatcher.running:
                 self._calls_done.set()
                 self._calls_done = trio.Event()
@@ -454,8 +578,14 @@ class Connection:
         # Run the timers now. A deadline sooner than the wake-up's moves it; a
         # later one (input moves the idle deadline on every read) waits for the
         # wake-up, which polls and goes back to sleep: the hot path stays a poll.
+        # (What a poll queues, a probe say, is flushed from the output hook,
+        # which does not poll again.)
         self._unpolled = False
-        deadline = self.timers.poll(self._now())
+        self._polling = True
+        try:
+            deadline = self.timers.poll(self._now())
+        finally:
+            self._polling = False
         if deadline is not None and deadline < self._wake_at:
             self._wake_at = self._sleep.deadline = deadline
 
@@ -471,17 +601,21 @@ class Connection:
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()
+            self._sent_at_once = False
             if self._unpolled:
                 # New output (the output hook woke us), and no poll since: arm the
                 # deadlines of the calls just made. Once, here, for a batch of output.
                 self._poll()
             while self._outgoing:
                 chunk = self._outgoing[: self._high_water]  # a large message in one send
+                self._sending = True
                 try:
                     await self.stream.send_all(chunk)
                 except _STREAM_ERRORS as error:
                     self._stop(error)
                     return
+                finally:
+                    self._sending = False
                 del self._outgoing[: len(chunk)]
                 self._progress.set()
                 self._progress = trio.Event()
@@ -489,6 +623,29 @@ class Connection:
                     # Start the calls that waited for the output to drain (their answers, if plain, join
                     # _outgoing now and go out in this loop).
                     self.dispatcher.resume()
+
+
+#: How :meth:`Connection._flush` is called: from the output hook, or only to take the output.
+_HOOK, _TAKE = 1, 2
+#: In the task of a served call: the connection whose call it is.
+_CALL_OF: contextvars.ContextVar[Connection | None] = contextvars.ContextVar("pbcore_trio_call_of", default=None)
+
+
+def _raw_socket_of(stream: trio.abc.Stream) -> socket.socket | None:
+    """The standard socket under a plain :class:`trio.SocketStream` (not TLS), to write to at once; else None."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    raw = getattr(stream.socket, "_sock", None)  # trio's socket wraps a non-blocking standard one
+    return raw if isinstance(raw, socket.socket) and raw.type == socket.SOCK_STREAM else None
+
+
+def _stream_error(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """What trio's ``send_all`` raises for *error* (so that a connection closes with the same reason either way)."""
+    if error.errno in (errno.EBADF, errno.ENOTSOCK):
+        return trio.ClosedResourceError("this socket was already closed")
+    broken = trio.BrokenResourceError(f"socket connection broken: {error}")
+    broken.__cause__ = error
+    return broken
 
 
 def _socket_of(obj: Any) -> Any:

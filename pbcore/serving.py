@@ -37,9 +37,12 @@ The rules, in one place:
   unwritten (what the broker holds, plus what the adapter's *backlog* says it
   holds): a peer that sends calls and never reads the answers costs that
   much, not every answer. The adapter calls :meth:`Dispatcher.resume` when
-  its output has drained. While ``Limits.max_queued_calls`` calls wait,
-  :attr:`Dispatcher.wants_input` is False: the adapter reads no more from the
-  connection until *on_input_wanted* is called.
+  its output has drained. While a call waits for that output (or
+  ``Limits.max_queued_calls`` calls wait), :attr:`Dispatcher.wants_input` is
+  False: the adapter reads no more from the connection until
+  *on_input_wanted* is called. Output alone never stops reading: a client
+  whose calls fill its output must still read their answers, or a peer
+  doing the same would never write again (a deadlock).
 * **Cancel on close.** When the connection ends, every call still running is
   cancelled through the canceller *spawn* returned, no answer is sent for
   it, and the calls not started yet are dropped.
@@ -226,11 +229,23 @@ class Dispatcher:
 
     @property
     def wants_input(self) -> bool:
-        """False while ``Limits.max_queued_calls`` calls wait to start: read nothing more until *on_input_wanted*."""
-        if len(self._queue) < self.broker.limits.max_queued_calls or self.broker.closed:
+        """False while calls wait for the output to drain, or ``Limits.max_queued_calls`` wait.
+
+        Then read nothing more until *on_input_wanted* is called.
+        """
+        if not self._holding():
             return True
         self._reader_waits = True
         return False
+
+    def _holding(self) -> bool:
+        # Calls the peer sent wait: reading on would only queue more (each costing its message)
+        # behind them. With none waiting, reading goes on however full the output is, so that
+        # the answers to our own calls still come in.
+        queued = len(self._queue)
+        if not queued or self.broker.closed:
+            return False
+        return queued >= self.broker.limits.max_queued_calls or self.output_full
 
     @property
     def output_full(self) -> bool:
@@ -273,7 +288,7 @@ class Dispatcher:
                 task._set_canceller(canceller)
         finally:
             self._dispatching = False
-        if self._reader_waits and len(self._queue) < self.broker.limits.max_queued_calls:
+        if self._reader_waits and not self._holding():
             self._reader_waits = False
             if self._on_input_wanted is not None:
                 self._on_input_wanted()

@@ -640,6 +640,35 @@ def test_reading_stops_while_max_queued_calls_wait_and_resumes_when_they_start()
     pair.server.data_to_send()  # the adapter took the answers and wrote them
     dispatcher.resume()
     assert big.started == 4 and dispatcher.queued == 4
+    # Fewer than max_queued_calls wait now, but they wait for the output: still no input.
+    assert not woken and not dispatcher.wants_input
+    while dispatcher.queued:
+        pair.server.data_to_send()
+        dispatcher.resume()
+    assert big.started == 8
+    assert woken == [1] and dispatcher.wants_input
+
+
+def test_the_output_alone_never_stops_reading() -> None:
+    # A client's own calls may fill its output: it must still read their answers (a peer doing
+    # the same would otherwise never write again). Only calls of the peer's waiting stop reading.
+    big = Big()
+    pair = BrokerPair(server_root=big, client_root=big)
+    woken: list[int] = []
+    unwritten = [10**9]  # the peer reads nothing
+    dispatcher = Dispatcher(
+        pair.server, pair.driver.spawn_call, backlog=lambda: unwritten[0], on_input_wanted=lambda: woken.append(1)
+    )
+    assert dispatcher.output_full and dispatcher.queued == 0
+    assert dispatcher.wants_input
+    pair.client.root().callRemote("big")  # one call of the peer's: it waits for the output
+    pair.server.receive_data(pair.client.data_to_send())
+    dispatcher.dispatch(pair.server.events())
+    assert big.started == 0 and dispatcher.queued == 1
+    assert not dispatcher.wants_input
+    unwritten[0] = 0
+    dispatcher.resume()
+    assert big.started == 1 and dispatcher.queued == 0
     assert woken == [1] and dispatcher.wants_input
 
 

@@ -135,7 +135,6 @@ class Connection(asyncio.BufferedProtocol):
         self._deadline: float | None = None  # when the wake-up below is due
         self._wake: asyncio.TimerHandle | None = None  # the one pending timers' wake-up
         self._busy = False  # feeding the broker: its output is written at the end
-        self._writing_paused = False  # the transport's write buffer is over its high-water mark
         self._reading = True  # what _update_reading last told the transport
         self._flush_scheduled = False
         # Output taken from the broker as soon as it is queued (so that it
@@ -253,24 +252,20 @@ class Connection(asyncio.BufferedProtocol):
             self._closed.set_result(None)
 
     def pause_writing(self) -> None:
-        # The peer is not reading: read no more of its requests, so that
-        # answers cannot pile up in the write buffer.
-        self._writing_paused = True
+        # The peer is not reading: no call starts now (the dispatcher counts the transport's
+        # buffer), and reading stops once one waits (see pbcore.serving, back-pressure).
         self._update_reading()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        self._update_reading()
         self._schedule_flush()  # which starts the calls that waited for the output to drain
 
     def _update_reading(self) -> None:
-        # The one place that pauses and resumes reading, for both reasons: the
-        # peer does not read (writing paused), or the dispatcher holds as many
-        # calls as it may (it calls this again once they have started).
+        # The one place that pauses and resumes reading: when the dispatcher wants no input
+        # (calls wait for the output to drain, or too many wait); it calls this again then.
         transport, dispatcher = self.transport, self._dispatcher
         if transport is None or dispatcher is None or transport.is_closing():
             return
-        wanted = not self._writing_paused and dispatcher.wants_input
+        wanted = dispatcher.wants_input
         if wanted != self._reading:
             self._reading = wanted
             if wanted:

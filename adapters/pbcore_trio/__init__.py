@@ -466,21 +466,16 @@ class Connection:
                 return
 
     async def _wait_to_read(self) -> None:
-        # Read nothing more while the peer does not read what it is sent, or
-        # while the dispatcher holds as many calls as it may.
-        while not self._stopping:
-            if len(self._outgoing) > self._high_water:
-                await self._wait_backlog(self._high_water)
-            elif not self.dispatcher.wants_input:
-                wanted = self._input_wanted = trio.Event()
-                await wanted.wait()
-            else:
-                return
+        # Read nothing more while the dispatcher wants no input: calls wait for the output to
+        # drain, or as many wait as may (see pbcore.serving, back-pressure).
+        while not self._stopping and not self.dispatcher.wants_input:
+            wanted = self._input_wanted = trio.Event()
+            await wanted.wait()
 
     async def _reader(self) -> None:
-        high_water, dispatcher = self._high_water, self.dispatcher
+        dispatcher = self.dispatcher
         while True:
-            if len(self._outgoing) > high_water or not dispatcher.wants_input:
+            if not dispatcher.wants_input:
                 await self._wait_to_read()  # (not called when it would return at once: the hot path)
             try:
                 data = await self._receive()

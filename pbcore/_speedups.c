@@ -430,10 +430,20 @@ decoder_parse(Decoder *self, PyObject *bufobj, Py_ssize_t pos, PyObject **result
                 }
             }
             else {
-                num = CLAMP;
                 numo = b128_to_pylong(buf + pos, k);
                 if (numo == NULL) {
                     goto done;
+                }
+                int overflow = 0;
+                num = PyLong_AsLongLongAndOverflow(numo, &overflow);
+                if (num == -1 && PyErr_Occurred()) {
+                    goto done;
+                }
+                if (!overflow && num < CLAMP) {
+                    Py_CLEAR(numo); /* leading zero digits: a small number after all */
+                }
+                else {
+                    num = CLAMP;
                 }
             }
             pos += k + 1;
@@ -1214,7 +1224,7 @@ encode_sequence(Encoder *self, PyObject *obj, Out *out, Py_ssize_t depth)
     if (put_head_checked(out, (unsigned long long)n, B_LIST) < 0) {
         return -1;
     }
-    if (Py_EnterRecursiveCall(" while Banana-encoding")) {
+    if (Py_EnterRecursiveCall("")) {
         return -1;
     }
     depth += 1;
@@ -1255,7 +1265,7 @@ encode_converted(Encoder *self, PyTypeObject *base, PyObject *obj, Out *out, Py_
     if (converted == NULL) {
         return -1;
     }
-    if (Py_EnterRecursiveCall(" while Banana-encoding")) {
+    if (Py_EnterRecursiveCall("")) {
         Py_DECREF(converted);
         return -1;
     }

@@ -575,16 +575,24 @@ class PyDecoder:
             self._cost = cost
 
 
+def _load_speedups() -> Any:
+    """The compiled codec module, configured, or None if it is not built (or does not load)."""
+    try:
+        from . import _speedups  # type: ignore[attr-defined]  # noqa: PLC0415 (optional, compiled)
+    except ImportError:
+        return None
+    _speedups._configure(BananaError, _WORDS, _VOCAB_ITEMS, DIALECTS, DEFAULT_LIMITS)
+    return _speedups
+
+
 def _accelerated() -> tuple[type[PyDecoder], type[PyEncoder], bool]:
     """The compiled classes, unless PBCORE_PURE asks for the pure ones or they are not built."""
     if os.environ.get("PBCORE_PURE", "") not in ("", "0"):
         return PyDecoder, PyEncoder, False
-    try:
-        from . import _speedups  # type: ignore[attr-defined]  # noqa: PLC0415 (optional, compiled)
-    except ImportError:
+    speedups = _load_speedups()
+    if speedups is None:
         return PyDecoder, PyEncoder, False
-    _speedups._configure(BananaError, _WORDS, _VOCAB_ITEMS, DIALECTS, DEFAULT_LIMITS)
-    return _speedups.Decoder, _speedups.Encoder, True
+    return speedups.Decoder, speedups.Encoder, True
 
 
 #: The s-expression codec in use: the compiled one (pbcore/_speedups.c) when it was built
@@ -597,6 +605,7 @@ if TYPE_CHECKING:  # the compiled classes have the pure ones' API
     ACCELERATED = False
 else:
     Decoder, Encoder, ACCELERATED = _accelerated()
+
 
 def decode(data: bytes, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> list[Sexp]:
     """Decode every expression in *data*, which must end on an expression boundary."""

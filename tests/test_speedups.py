@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import os
-import random
 import struct
 import subprocess
 import sys
@@ -73,6 +72,7 @@ def run_decoder(
     sizes: Sequence[int],
     dialect: bytes,
     limits: Limits,
+    *,
     switches: Sequence[bytes] = (),
 ) -> list[Any]:
     """Feed *data* in chunks of *sizes*; every step's result and state, and the error at the end."""
@@ -105,8 +105,8 @@ def run_decoder(
 def compare_decoders(
     data: bytes, sizes: Sequence[int], dialect: bytes, limits: Limits, switches: Sequence[bytes] = ()
 ) -> list[Any]:
-    pure = run_decoder(PyDecoder, data, sizes, dialect, limits, switches)
-    compiled = run_decoder(CDecoder, data, sizes, dialect, limits, switches)
+    pure = run_decoder(PyDecoder, data, sizes, dialect, limits, switches=switches)
+    compiled = run_decoder(CDecoder, data, sizes, dialect, limits, switches=switches)
     assert compiled == pure
     return pure
 
@@ -316,6 +316,7 @@ def test_every_limit_at_and_around_its_boundary(field: str, values: range) -> No
                 for sizes in ALL_SIZES:
                     trace = compare_decoders(stream, sizes, dialect, limits)
                     outcomes.add(trace[-1][0] == "again")
+        sexp: Any
         for sexp in ([b"x" * value], [[1]] * value, 2 ** (7 * value), [[[[[[[[]]]]]]]]):
             compare_encoders(sexp, limits=limits)
     assert outcomes == {True, False}  # the range crosses the boundary: some refused, some not
@@ -370,20 +371,21 @@ def test_a_failed_decoder_keeps_a_sane_offset_and_buffers_nothing() -> None:
 
 
 def test_a_failed_decoder_lets_go_of_what_it_held() -> None:
+    data = int_to_b128(100_000) + b"\x80" + b"\x02\x82ab" * 99_000
     decoder = CDecoder(b"pb", Limits(max_decoded_bytes=10**9))
-    decoder.feed(int_to_b128(100_000) + b"\x80" + b"\x02\x82ab" * 99_000)
-    assert decoder.next_expression() is None
-    before = decoder.held
     gc.collect()
     tracemalloc.start()
+    decoder.feed(data)
+    assert decoder.next_expression() is None
+    holding = tracemalloc.get_traced_memory()[0]
     decoder.feed(b"\x88")
     with pytest.raises(BananaError):
         decoder.next_expression()
-    freed = -tracemalloc.get_traced_memory()[0]
+    after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    assert before > 5_000_000
-    assert decoder.held == 0
-    assert freed > 0 or sys.getrefcount(decoder) > 0  # tracemalloc saw no allocation: the frees are not traced
+    assert holding > 4_000_000  # 99,000 byte strings in a list
+    assert after < holding / 100, (after, holding)
+    assert (decoder.held, decoder.buffered) == (0, 0)
 
 
 def test_the_compiled_decoder_is_subclassable_and_iter_uses_overrides() -> None:
@@ -419,7 +421,8 @@ def test_pbcore_pure_forces_the_pure_codec(value: str, accelerated: bool) -> Non
 
 
 def test_bad_arguments_are_refused_alike() -> None:
-    for cls in (PyDecoder, CDecoder, PyEncoder, CEncoder):
+    classes: list[Any] = [PyDecoder, CDecoder, PyEncoder, CEncoder]
+    for cls in classes:
         with pytest.raises(ValueError, match=r"unknown Banana dialect b'json'; expected one of \(b'pb', b'none'\)"):
             cls(b"json")
         with pytest.raises(ValueError, match="unknown Banana dialect 'pb'"):
@@ -440,7 +443,7 @@ def test_encoders_agree(sexp: Any, dialect: bytes, limits: Limits, depth: int) -
     compare_encoders(sexp, dialect, limits, depth)
 
 
-@pytest.mark.parametrize("value", INT_EDGES + [True, False, MyInt(2**40), MyInt(-7)])
+@pytest.mark.parametrize("value", [*INT_EDGES, True, False, MyInt(2**40), MyInt(-7)])
 @pytest.mark.parametrize("prefix_limit", [1, 2, 5, 9, 10, 64, 65, 100])
 def test_ints_at_every_edge(value: int, prefix_limit: int) -> None:
     compare_encoders([value, [value]], limits=Limits(prefix_limit=prefix_limit))
@@ -449,7 +452,7 @@ def test_ints_at_every_edge(value: int, prefix_limit: int) -> None:
 def test_cycles_and_depth() -> None:
     cycle: list[Any] = [1]
     cycle.append(cycle)
-    (whole, into, out) = compare_encoders(cycle)
+    (whole, _, out) = compare_encoders(cycle)
     assert "nested deeper than 100 (or a cycle)" in whole[1]
     assert out.startswith(b"head\x02\x80\x01\x81")  # what was written before the error stays
     compare_encoders(cycle, depth=-1000)  # a RecursionError, not a crash
@@ -491,7 +494,7 @@ def test_the_module_helpers_still_work() -> None:
 
 
 def churn(rounds: int) -> None:
-    sample = [b"message", 1, b"root", b"x" * 100, [1.5, -(2**70), 2**40, (b"tuple", b"a")], True, MyInt(3)]
+    sample: Any = [b"message", 1, b"root", b"x" * 100, [1.5, -(2**70), 2**40, (b"tuple", b"a")], True, MyInt(3)]
     blob = banana.encode(sample)
     limits = Limits(max_depth=5, size_limit=50)
     for _ in range(rounds):
@@ -539,4 +542,3 @@ def test_tests_can_fail() -> None:
             return run_decoder(cls, b"\x88" if cls is PyDecoder else b"\x01\x88", [1], b"pb", banana.DEFAULT_LIMITS)
 
         assert differ(PyDecoder) == differ(CDecoder)
-    random.Random(0)

@@ -723,7 +723,14 @@ decoder_next_expression_impl(Decoder *self)
     PyObject *result = NULL;
     Py_ssize_t newpos = pos;
     PyObject *buf = Py_NewRef(self->buf);
+    /* No collection while parsing: every object made here is alive, and the collections a
+     * large expression's allocations would trigger (each traversing what was made so far)
+     * take as long as the parse itself. The collector runs again at the next allocation. */
+    int collecting = PyGC_Disable();
     int status = decoder_parse(self, buf, pos, &result, &newpos);
+    if (collecting) {
+        PyGC_Enable();
+    }
     Py_DECREF(buf);
     if (status < 0) {
         if (self->failed != NULL) {

@@ -23,10 +23,11 @@ anything is read into memory for it.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import attrs
 
@@ -34,11 +35,14 @@ from .errors import BananaError
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "ACCELERATED",
     "DIALECTS",
     "VOCABULARY",
     "Decoder",
     "Encoder",
     "Limits",
+    "PyDecoder",
+    "PyEncoder",
     "Sexp",
     "b128_to_int",
     "decode",
@@ -218,8 +222,8 @@ def _check_dialect(dialect: bytes) -> bytes:
     return dialect
 
 
-class Encoder:
-    """Encodes s-expressions for one dialect and one set of limits.
+class PyEncoder:
+    """Encodes s-expressions for one dialect and one set of limits (the pure-Python reference).
 
     Refuses (with :class:`BananaError`) what a Twisted peer would refuse to
     send: lists and byte strings over ``size_limit``, ints of more than
@@ -327,7 +331,7 @@ def _build_encoder(vocab: dict[bytes, bytes], limits: Limits) -> Callable[[Any, 
     return encode
 
 
-_ENCODERS: dict[tuple[bytes, Limits], Encoder] = {}
+_ENCODERS: dict[tuple[bytes, Limits], PyEncoder] = {}
 
 
 def encode(sexp: Sexp, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> bytes:
@@ -338,12 +342,12 @@ def encode(sexp: Sexp, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) 
     return encoder.encode(sexp)
 
 
-class Decoder:
-    """Turns a byte stream, in any chunking, into complete s-expressions.
+class PyDecoder:
+    """Turns a byte stream, in any chunking, into complete s-expressions (the pure-Python reference).
 
     Usage::
 
-        decoder = Decoder()
+        decoder = PyDecoder()
         decoder.feed(data)
         while (expression := decoder.next_expression()) is not None:
             ...
@@ -369,6 +373,7 @@ class Decoder:
         self._cost = 0  # what the objects of the current expression take, as counted (see LIST_COST)
         self._stack: list[tuple[list[Sexp], int]] = []  # open lists and their claimed lengths
         self._failed: BananaError | None = None
+        self._fail_at = 0  # the stream offset of the item that failed
         self._header = re.compile(b"[\\x00-\\x7f]{0,%d}[\\x80-\\xff]" % limits.prefix_limit)
 
     @property
@@ -430,14 +435,21 @@ class Decoder:
             result, self._pos = self._parse(self._buf, pos)
         except BananaError as error:
             self._failed = error
-            # Unusable from now on: let go of what it held (up to max_decoded_bytes).
+            # Unusable from now on: let go of what it held (up to max_decoded_bytes). The
+            # offset stays where parsing failed, and nothing is buffered.
             self._stack.clear()
             self._buf = b""
+            self._base = self._fail_at
+            self._pos = 0
+            self._pending.clear()
+            self._pending_len = 0
+            self._need = 0
             raise
         return result
 
     def _fail(self, pos: int, message: str) -> BananaError:
-        return BananaError(f"{message} (at byte {self._base + pos} of the stream)")
+        self._fail_at = self._base + pos
+        return BananaError(f"{message} (at byte {self._fail_at} of the stream)")
 
     def _over_decoded(self, pos: int) -> BananaError:
         limit = self.limits.max_decoded_bytes
@@ -561,6 +573,38 @@ class Decoder:
             return None, pos
         finally:
             self._cost = cost
+
+
+def _load_speedups() -> Any:
+    """The compiled codec module, configured, or None if it is not built (or does not load)."""
+    try:
+        from . import _speedups  # type: ignore[attr-defined]  # noqa: PLC0415 (optional, compiled)
+    except ImportError:
+        return None
+    _speedups._configure(BananaError, _WORDS, _VOCAB_ITEMS, DIALECTS, DEFAULT_LIMITS)
+    return _speedups
+
+
+def _accelerated() -> tuple[type[PyDecoder], type[PyEncoder], bool]:
+    """The compiled classes, unless PBCORE_PURE asks for the pure ones or they are not built."""
+    if os.environ.get("PBCORE_PURE", "") not in ("", "0"):
+        return PyDecoder, PyEncoder, False
+    speedups = _load_speedups()
+    if speedups is None:
+        return PyDecoder, PyEncoder, False
+    return speedups.Decoder, speedups.Encoder, True
+
+
+#: The s-expression codec in use: the compiled one (pbcore/_speedups.c) when it was built
+#: and ``PBCORE_PURE`` is unset, empty or "0"; else the pure-Python :class:`PyDecoder` and
+#: :class:`PyEncoder`. Both give the same values, bytes and errors (tests/test_speedups.py).
+ACCELERATED: bool
+if TYPE_CHECKING:  # the compiled classes have the pure ones' API
+    Decoder = PyDecoder
+    Encoder = PyEncoder
+    ACCELERATED = False
+else:
+    Decoder, Encoder, ACCELERATED = _accelerated()
 
 
 def decode(data: bytes, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> list[Sexp]:

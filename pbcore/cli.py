@@ -96,7 +96,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, Final
 
 from . import __version__
-from .banana import DIALECTS, VOCABULARY, Decoder, Sexp
+from .banana import ACCELERATED, DIALECTS, VOCABULARY, Decoder, Sexp
 from .cred import Anonymous, UsernamePassword
 from .demo import DEFAULT_PORT
 from .errors import BananaError, JellyError, ProtocolError
@@ -775,7 +775,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         prog="pbcore",
         description="Perspective Broker tools.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    codec = "compiled codec" if ACCELERATED else "pure Python codec"  # PBCORE_PURE, pbcore._speedups
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} ({codec})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     subcommands = _add_network_commands(commands)
     decode = commands.add_parser(

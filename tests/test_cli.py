@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from twisted.test import iosim
 
 import pbcore
 from pbcore import cli
-from pbcore.banana import encode
+from pbcore.banana import ACCELERATED, _load_speedups, encode
 from pbcore.cli import main
 
 # Twisted's functions are unannotated: call them through Any (mypy --strict).
@@ -176,8 +177,21 @@ def test_bad_hex(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyP
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    # The version, and which Banana codec is in use (pbcore.banana.ACCELERATED).
     status, out, _ = run(capsys, "--version")
-    assert (status, out) == (0, [f"pbcore {pbcore.__version__}"])
+    codec = "compiled codec" if ACCELERATED else "pure Python codec"
+    assert (status, out) == (0, [f"pbcore {pbcore.__version__} ({codec})"])
+
+
+@pytest.mark.parametrize(("pure", "codec"), [("1", "pure Python codec"), ("0", None)])
+def test_version_says_which_codec(pure: str, codec: str | None) -> None:
+    env = {**os.environ, "PBCORE_PURE": pure}
+    run = subprocess.run(
+        [sys.executable, "-m", "pbcore", "--version"], env=env, capture_output=True, text=True, check=True
+    )
+    if codec is None:  # compiled if it was built
+        codec = "compiled codec" if _load_speedups() is not None else "pure Python codec"
+    assert run.stdout.strip() == f"pbcore {pbcore.__version__} ({codec})"
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

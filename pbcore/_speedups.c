@@ -1489,10 +1489,15 @@ encoder_dealloc(Encoder *self)
     type->tp_free((PyObject *)self);
 }
 
+static PyObject *encoder_encode_message(Encoder *self, PyObject *args); /* below, with the plain values */
+
 static PyMethodDef encoder_methods[] = {
     {"encode", (PyCFunction)encoder_encode, METH_O, "Return the bytes for one s-expression."},
     {"encode_into", (PyCFunction)(void (*)(void))encoder_encode_into, METH_VARARGS | METH_KEYWORDS,
      "Append the bytes for one s-expression, which sits at nesting depth, to out."},
+    {"encode_message", (PyCFunction)encoder_encode_message, METH_VARARGS,
+     "encode_message(head, values): the bytes of [*head, *values] with each value jellied, when every value is "
+     "plain (pbcore.codec.ValueEncoder._write_flat); None when one is not (pb dialect only)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1516,6 +1521,378 @@ static PyTypeObject EncoderType = {
     .tp_members = encoder_members,
     .tp_weaklistoffset = offsetof(Encoder, weakrefs),
 };
+
+/* ========================================================================== */
+/* Plain values: pbcore.codec's and pbcore.jelly's fast paths, compiled       */
+/* ========================================================================== */
+/*
+ * A plain value is an atom (int, bytes, float, str, None, bool: exact types) or
+ * a list, tuple, dict, set or frozenset of plain values, nested at most
+ * PLAIN_LEVELS deep, no container met twice. Its jelly needs no reference
+ * tables. These mirror ValueEncoder._write_items and jelly._flat line for line:
+ * whatever they do not handle, or would refuse, they leave to the Python code
+ * (0 / NotFlat), which then does it, or says what is wrong, as it always did.
+ */
+
+#define PLAIN_LEVELS 3
+
+/* jelly's fixed forms in the pb dialect ([None], [boolean, true], ...). */
+static const char J_NONE[] = "\x01\x80\x01\x87";
+static const char J_TRUE[] = "\x02\x80\x07\x82" "boolean" "\x04\x82" "true";
+static const char J_FALSE[] = "\x02\x80\x07\x82" "boolean" "\x05\x82" "false";
+static const char J_UNICODE[] = "\x02\x80\x07\x82" "unicode"; /* then the text's bytes item */
+static const char J_DICTIONARY[] = "\x05\x87";
+static const char J_LIST[] = "\x08\x87";
+static const char J_TUPLE[] = "\x0b\x87";
+static const char J_SET[] = "\x03\x82" "set";
+static const char J_FROZENSET[] = "\x09\x82" "frozenset";
+
+static int
+put_const(Out *out, const char *data, Py_ssize_t size)
+{
+    return put_raw(out, data, size);
+}
+
+/* 1: written; 0: not plain (out may hold a partial write: the caller drops it); -1: an error. */
+static int
+write_plain(Encoder *self, PyObject *item, Out *out, long long depth, int levels, PyObject *seen)
+{
+    if (PyLong_CheckExact(item)) {
+        return encode_int(self, item, out) < 0 ? -1 : 1;
+    }
+    if (PyBytes_CheckExact(item)) {
+        return encode_bytes(self, item, out) < 0 ? -1 : 1;
+    }
+    if (PyFloat_CheckExact(item)) {
+        return encode_obj(self, item, out, (Py_ssize_t)depth) < 0 ? -1 : 1;
+    }
+    if (depth + 1 >= self->max_depth) {
+        return 0; /* the forms below are lists: the general way checks */
+    }
+    if (PyUnicode_CheckExact(item)) {
+        Py_ssize_t size;
+        const char *data = PyUnicode_AsUTF8AndSize(item, &size);
+        if (data == NULL) {
+            PyErr_Clear(); /* not valid Unicode: the general way says so */
+            return 0;
+        }
+        if (size >= self->short_ && size > self->size_limit) {
+            return 0;
+        }
+        if (put_const(out, J_UNICODE, sizeof J_UNICODE - 1) < 0) {
+            return -1;
+        }
+        if (size <= VocabMaxLen) {
+            PyObject *text = PyBytes_FromStringAndSize(data, size);
+            if (text == NULL) {
+                return -1;
+            }
+            PyObject *word = PyDict_GetItemWithError(VocabItems, text);
+            Py_DECREF(text);
+            if (word != NULL) {
+                return put_raw(out, PyBytes_AS_STRING(word), PyBytes_GET_SIZE(word)) < 0 ? -1 : 1;
+            }
+            if (PyErr_Occurred()) {
+                return -1;
+            }
+        }
+        if (out_reserve(out, size + 11) < 0) {
+            return -1;
+        }
+        put_head(out, (unsigned long long)size, B_STRING);
+        memcpy(out->data + out->len, data, (size_t)size);
+        out->len += size;
+        return 1;
+    }
+    if (item == Py_None) {
+        return put_const(out, J_NONE, sizeof J_NONE - 1) < 0 ? -1 : 1;
+    }
+    if (PyBool_Check(item)) {
+        int status = item == Py_True ? put_const(out, J_TRUE, sizeof J_TRUE - 1)
+                                     : put_const(out, J_FALSE, sizeof J_FALSE - 1);
+        return status < 0 ? -1 : 1;
+    }
+    const char *name;
+    Py_ssize_t name_size;
+    PyTypeObject *type = Py_TYPE(item);
+    if (type == &PyList_Type) {
+        name = J_LIST, name_size = sizeof J_LIST - 1;
+    }
+    else if (type == &PyTuple_Type) {
+        name = J_TUPLE, name_size = sizeof J_TUPLE - 1;
+    }
+    else if (type == &PyDict_Type) {
+        name = J_DICTIONARY, name_size = sizeof J_DICTIONARY - 1;
+    }
+    else if (type == &PySet_Type) {
+        name = J_SET, name_size = sizeof J_SET - 1;
+    }
+    else if (type == &PyFrozenSet_Type) {
+        name = J_FROZENSET, name_size = sizeof J_FROZENSET - 1;
+    }
+    else {
+        return 0;
+    }
+    if (!levels) {
+        return 0;
+    }
+    /* Met again, a container would be a reference: the general way. */
+    PyObject *id = PyLong_FromVoidPtr(item);
+    if (id == NULL) {
+        return -1;
+    }
+    int known = PySet_Contains(seen, id);
+    if (known == 0) {
+        known = PySet_Add(seen, id) < 0 ? -1 : 0;
+    }
+    Py_DECREF(id);
+    if (known) {
+        return known < 0 ? -1 : 0;
+    }
+    Py_ssize_t n = PyObject_Length(item);
+    long long flat_size = self->size_limit < TABLE_SIZE - 1 ? self->size_limit : TABLE_SIZE - 1;
+    if (n < 0) {
+        return -1;
+    }
+    if ((long long)n >= flat_size || depth + 3 >= self->max_depth) {
+        return 0;
+    }
+    if (put_head_checked(out, (unsigned long long)n + 1, B_LIST) < 0 || put_const(out, name, name_size) < 0) {
+        return -1;
+    }
+    if (Py_EnterRecursiveCall(" in pbcore's plain encoder")) {
+        return -1;
+    }
+    int status = 1;
+    if (type == &PyDict_Type) {
+        Py_ssize_t position = 0;
+        PyObject *key, *value;
+        while (status == 1 && PyDict_Next(item, &position, &key, &value)) {
+            Py_INCREF(key);
+            Py_INCREF(value);
+            if (put_const(out, "\x02\x80", 2) < 0) {
+                status = -1;
+            }
+            if (status == 1) {
+                status = write_plain(self, key, out, depth + 2, levels - 1, seen);
+            }
+            if (status == 1) {
+                status = write_plain(self, value, out, depth + 2, levels - 1, seen);
+            }
+            Py_DECREF(key);
+            Py_DECREF(value);
+        }
+    }
+    else if (type == &PyList_Type || type == &PyTuple_Type) {
+        for (Py_ssize_t i = 0; status == 1 && i < (type == &PyList_Type ? PyList_GET_SIZE(item) : n); i++) {
+            PyObject *part = type == &PyList_Type ? PyList_GET_ITEM(item, i) : PyTuple_GET_ITEM(item, i);
+            Py_INCREF(part);
+            status = write_plain(self, part, out, depth + 1, levels - 1, seen);
+            Py_DECREF(part);
+        }
+    }
+    else {
+        PyObject *iterator = PyObject_GetIter(item);
+        PyObject *part;
+        if (iterator == NULL) {
+            status = -1;
+        }
+        while (status == 1 && (part = PyIter_Next(iterator)) != NULL) {
+            status = write_plain(self, part, out, depth + 1, levels - 1, seen);
+            Py_DECREF(part);
+        }
+        if (status == 1 && PyErr_Occurred()) {
+            status = -1;
+        }
+        Py_XDECREF(iterator);
+    }
+    Py_LeaveRecursiveCall();
+    return status;
+}
+
+static PyObject *
+encoder_encode_message(Encoder *self, PyObject *args)
+{
+    PyObject *head, *values;
+    if (!encoder_ready(self)) {
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!:encode_message", &PyList_Type, &head, &PyList_Type, &values)) {
+        return NULL;
+    }
+    if (self->vocab == NULL) {
+        Py_RETURN_NONE; /* jelly's fixed forms above are the pb dialect's */
+    }
+    PyObject *seen = PySet_New(NULL);
+    if (seen == NULL) {
+        return NULL;
+    }
+    Out out;
+    out_init(&out);
+    PyObject *result = NULL;
+    Py_ssize_t n_head = PyList_GET_SIZE(head), n_values = PyList_GET_SIZE(values);
+    int status = put_head_checked(&out, (unsigned long long)(n_head + n_values), B_LIST) < 0 ? -1 : 1;
+    for (Py_ssize_t i = 0; status == 1 && i < PyList_GET_SIZE(head); i++) {
+        PyObject *item = PyList_GET_ITEM(head, i);
+        Py_INCREF(item);
+        status = encode_obj(self, item, &out, 1) < 0 ? -1 : 1;
+        Py_DECREF(item);
+    }
+    for (Py_ssize_t i = 0; status == 1 && i < PyList_GET_SIZE(values); i++) {
+        PyObject *item = PyList_GET_ITEM(values, i);
+        Py_INCREF(item);
+        status = write_plain(self, item, &out, 1, PLAIN_LEVELS, seen);
+        Py_DECREF(item);
+    }
+    if (status == 1) {
+        result = PyBytes_FromStringAndSize(out.data, out.len);
+    }
+    else if (status == 0) {
+        result = Py_NewRef(Py_None);
+    }
+    out_free(&out);
+    Py_DECREF(seen);
+    return result;
+}
+
+/* jelly._flat: the value of one list of a plain expression, or NotFlat (a new reference; NULL on error). */
+static PyObject *
+read_plain(PyObject *sexp, PyObject *allowed, Py_ssize_t max_keys, int levels, PyObject *not_flat);
+
+static PyObject *
+read_plain_item(PyObject *item, PyObject *allowed, Py_ssize_t max_keys, int levels, PyObject *not_flat)
+{
+    PyTypeObject *type = Py_TYPE(item);
+    if (type == &PyBytes_Type || type == &PyLong_Type || type == &PyFloat_Type) {
+        return Py_NewRef(item);
+    }
+    if (type != &PyList_Type) {
+        return Py_NewRef(not_flat);
+    }
+    return read_plain(item, allowed, max_keys, levels, not_flat);
+}
+
+static int
+bytes_is(PyObject *item, const char *text, Py_ssize_t size)
+{
+    return PyBytes_CheckExact(item) && PyBytes_GET_SIZE(item) == size && memcmp(PyBytes_AS_STRING(item), text, (size_t)size) == 0;
+}
+
+static PyObject *
+read_plain(PyObject *sexp, PyObject *allowed, Py_ssize_t max_keys, int levels, PyObject *not_flat)
+{
+    Py_ssize_t n = PyList_GET_SIZE(sexp);
+    if (n == 0) {
+        return Py_NewRef(not_flat);
+    }
+    PyObject *head = PyList_GET_ITEM(sexp, 0);
+    if (!PyBytes_CheckExact(head)) {
+        return Py_NewRef(not_flat);
+    }
+    int allowed_here = PyDict_Contains(allowed, head);
+    if (allowed_here <= 0) {
+        return allowed_here < 0 ? NULL : Py_NewRef(not_flat);
+    }
+    if (bytes_is(head, "unicode", 7)) {
+        PyObject *data = n == 2 ? PyList_GET_ITEM(sexp, 1) : NULL;
+        if (data == NULL || !PyBytes_CheckExact(data)) {
+            return Py_NewRef(not_flat);
+        }
+        PyObject *text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), NULL);
+        if (text == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                return NULL;
+            }
+            PyErr_Clear(); /* the general way says what is wrong */
+            return Py_NewRef(not_flat);
+        }
+        return text;
+    }
+    if (bytes_is(head, "None", 4)) {
+        return Py_NewRef(n == 1 ? Py_None : not_flat);
+    }
+    if (bytes_is(head, "boolean", 7)) {
+        PyObject *word = n == 2 ? PyList_GET_ITEM(sexp, 1) : NULL;
+        if (word != NULL && bytes_is(word, "true", 4)) {
+            return Py_NewRef(Py_True);
+        }
+        if (word != NULL && bytes_is(word, "false", 5)) {
+            return Py_NewRef(Py_False);
+        }
+        return Py_NewRef(not_flat);
+    }
+    if (!levels) {
+        return Py_NewRef(not_flat);
+    }
+    levels -= 1;
+    if (Py_EnterRecursiveCall(" in pbcore's plain reader")) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (bytes_is(head, "dictionary", 10)) {
+        if (n > max_keys + 1) { /* below this many keys none is counted (see Collisions) */
+            result = Py_NewRef(not_flat);
+            goto done;
+        }
+        result = PyDict_New();
+        for (Py_ssize_t i = 1; result != NULL && i < PyList_GET_SIZE(sexp); i++) {
+            PyObject *pair = PyList_GET_ITEM(sexp, i);
+            if (!PyList_CheckExact(pair) || PyList_GET_SIZE(pair) != 2) {
+                Py_SETREF(result, Py_NewRef(not_flat));
+                break;
+            }
+            PyObject *key = read_plain_item(PyList_GET_ITEM(pair, 0), allowed, max_keys, 0, not_flat);
+            if (key == NULL || key == not_flat) {
+                Py_SETREF(result, key);
+                break;
+            }
+            PyObject *value = read_plain_item(PyList_GET_ITEM(pair, 1), allowed, max_keys, levels, not_flat);
+            if (value == NULL || value == not_flat) {
+                Py_DECREF(key);
+                Py_SETREF(result, value);
+                break;
+            }
+            if (PyDict_SetItem(result, key, value) < 0) {
+                Py_CLEAR(result);
+            }
+            Py_DECREF(key);
+            Py_DECREF(value);
+        }
+        goto done;
+    }
+    int is_tuple = bytes_is(head, "tuple", 5);
+    if (!is_tuple && !bytes_is(head, "list", 4)) {
+        result = Py_NewRef(not_flat);
+        goto done;
+    }
+    result = PyList_New(n - 1);
+    for (Py_ssize_t i = 1; result != NULL && i < n; i++) {
+        PyObject *value = read_plain_item(PyList_GET_ITEM(sexp, i), allowed, max_keys, levels, not_flat);
+        if (value == NULL || value == not_flat) {
+            Py_SETREF(result, value);
+            break;
+        }
+        PyList_SET_ITEM(result, i - 1, value);
+    }
+    if (result != NULL && result != not_flat && is_tuple) {
+        Py_SETREF(result, PyList_AsTuple(result));
+    }
+done:
+    Py_LeaveRecursiveCall();
+    return result;
+}
+
+static PyObject *
+speedups_flat_value(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *sexp, *allowed, *not_flat;
+    Py_ssize_t max_keys;
+    int levels;
+    if (!PyArg_ParseTuple(args, "OO!niO:flat_value", &sexp, &PyDict_Type, &allowed, &max_keys, &levels, &not_flat)) {
+        return NULL;
+    }
+    return read_plain_item(sexp, allowed, max_keys, levels, not_flat);
+}
 
 /* ========================================================================== */
 /* module                                                                     */
@@ -1562,6 +1939,8 @@ speedups_configure(PyObject *Py_UNUSED(module), PyObject *args)
 }
 
 static PyMethodDef speedups_methods[] = {
+    {"flat_value", speedups_flat_value, METH_VARARGS,
+     "flat_value(sexp, allowed_types, max_hash_collisions, levels, not_flat): pbcore.jelly.flat_value, compiled."},
     {"_configure", speedups_configure, METH_VARARGS,
      "_configure(BananaError, words, vocab_items, dialects, default_limits): called once by pbcore.banana."},
     {NULL, NULL, 0, NULL},

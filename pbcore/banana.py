@@ -605,6 +605,8 @@ if TYPE_CHECKING:  # the compiled classes have the pure ones' API
     ACCELERATED = False
 else:
     Decoder, Encoder, ACCELERATED = _accelerated()
+#: The compiled module when ACCELERATED (its plain-value paths serve pbcore.jelly and pbcore.codec), else None.
+_SPEEDUPS: Any = _load_speedups() if ACCELERATED else None
 
 
 def decode(data: bytes, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> list[Sexp]:

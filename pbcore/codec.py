@@ -256,6 +256,8 @@ class ValueEncoder:
         # back to the two-step path, which is rarely used and still correct.
         self._fused = dialect == b"pb"
         self._words = _VOCAB_ITEMS if self._fused else {}
+        # The compiled encoder writes a message of plain values itself: the same bytes, or None.
+        self._compiled_message = getattr(self._banana, "encode_message", None) if self._fused else None
 
     def encode(self, value: Any, invoker: Any = None) -> bytes:
         """The bytes of one value as a complete expression."""
@@ -268,6 +270,12 @@ class ValueEncoder:
         names); each value is jellied on its own, with its own reference
         numbers, as a PB peer serializes each argument list.
         """
+        if self._compiled_message is not None:  # the plain case in one call (pbcore/_speedups.c)
+            data = self._compiled_message(
+                head if type(head) is list else list(head), values if type(values) is list else list(values)
+            )
+            if data is not None:
+                return bytes(data)
         size = len(head) + len(values)
         out = bytearray(_LIST_HEAD[size] if size < _TABLE_SIZE else int_to_b128(size) + b"\x80")
         encode_into, words = self._banana.encode_into, self._words

@@ -46,7 +46,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any, Final, NoReturn, Protocol
 
-from .banana import DEFAULT_LIMITS, Limits, Sexp
+from .banana import _SPEEDUPS, DEFAULT_LIMITS, Limits, Sexp
 from .errors import BananaError, InsecureJelly, JellyError, NotJellyable, ProtocolError
 from .keys import COMPOSITE, PEER_ID_BOUND, SALTED, Collisions, KeyMeter, items
 from .preview import error_text
@@ -870,7 +870,13 @@ def flat_value(sexp: Sexp, taster: SecurityOptions, limits: Limits = DEFAULT_LIM
         return sexp if type(sexp) in _PLAIN else NOT_FLAT
     if type(taster) is not SecurityOptions:
         return NOT_FLAT
-    return _flat(sexp, taster.allowedTypes, limits, min(limits.max_depth, _FLAT_LEVELS))
+    levels = min(limits.max_depth, _FLAT_LEVELS)
+    if _compiled_flat is not None:  # the same, in C (pbcore/_speedups.c, read_plain)
+        return _compiled_flat(sexp, taster.allowedTypes, limits.max_hash_collisions, levels, NOT_FLAT)
+    return _flat(sexp, taster.allowedTypes, limits, levels)
+
+
+_compiled_flat: Callable[..., Any] | None = getattr(_SPEEDUPS, "flat_value", None)
 
 
 def _flat(sexp: list[Any], allowed: dict[bytes, int], limits: Limits, levels: int) -> Any:

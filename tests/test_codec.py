@@ -308,8 +308,14 @@ def _same(fused: tuple[str, Any], layered: tuple[str, Any], strict: bool) -> boo
     if not strict:  # shared parts: the two general paths word a refusal apart
         return True
     # A value both unjellyable and too deep: the two-step path finds the first first, the fused
-    # one (which checks the depth as it writes) may find the second. Both refuse it.
-    return fused == layered or layered[0] == "NotJellyable"
+    # one (which checks the depth as it writes) may find the second. Both refuse it. And jelly
+    # and Banana word "too deep" apart ("values nested deeper", "lists nested deeper").
+    too_deep = "nested deeper than"
+    return (
+        fused == layered
+        or layered[0] == "NotJellyable"
+        or (fused[0] == layered[0] == "BananaError" and too_deep in fused[1] and too_deep in layered[1])
+    )
 
 
 def _shares(value: Any) -> bool:

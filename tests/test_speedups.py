@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pbcore import banana
@@ -545,3 +545,80 @@ def test_tests_can_fail() -> None:
             return run_decoder(cls, b"\x88" if cls is PyDecoder else b"\x01\x88", [1], b"pb", banana.DEFAULT_LIMITS)
 
         assert differ(PyDecoder) == differ(CDecoder)
+
+
+# -- the plain-value paths (pbcore.codec, pbcore.jelly): compiled against pure --------------------
+
+from pbcore import codec as _codec  # noqa: E402
+from pbcore import jelly as _jelly  # noqa: E402
+from tests.strategies import same_structure, values  # noqa: E402
+
+_plain_atoms = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.binary(max_size=10) | st.sampled_from([b"None", b"tuple", b""]),
+    st.text(max_size=10) | st.sampled_from(["None", "list", "\ud800"]),
+)
+_plain_values = st.recursive(
+    _plain_atoms,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=6),
+        st.lists(inner, max_size=6).map(tuple),
+        st.dictionaries(st.text(max_size=4) | st.integers(0, 9), inner, max_size=5),
+        st.frozensets(st.integers(0, 99), max_size=4),
+        inner.map(lambda v: [v, v]),
+    ),
+    max_leaves=14,
+)
+
+
+def _pure_encode_list(encoder: Any, head: list[Any], items: list[Any]) -> tuple[str, Any]:
+    saved = encoder._compiled_message
+    encoder._compiled_message = None
+    try:
+        return "bytes", encoder.encode_list(head, items)
+    except Exception as error:  # compared, not handled
+        return type(error).__name__, str(error)
+    finally:
+        encoder._compiled_message = saved
+
+
+@given(st.lists(_plain_values | values(), max_size=3), st.integers(1, 6), st.integers(5, 12))
+@settings(max_examples=300)
+@example([(1,), {"a": [1.5, "é"]}], 6, 12)  # every container and atom kind, at the depth limit
+@example([[None, True, False, b"None", "None", -(2**40), frozenset({3}), {7}]], 6, 12)
+def test_encode_message_is_the_pure_encode_list(items: list[Any], depth: int, size: int) -> None:
+    for limits in (Limits(), Limits(max_depth=depth, size_limit=size)):
+        encoder = _codec.ValueEncoder(limits=limits)
+        compiled_encoder = CEncoder(b"pb", limits)
+        encoder._banana = compiled_encoder
+        encoder._compiled_message = compiled_encoder.encode_message
+        head = [b"answer", 12345]
+        try:
+            compiled: tuple[str, Any] = ("bytes", encoder._compiled_message(head, items))
+        except Exception as error:
+            compiled = (type(error).__name__, str(error))
+        if compiled == ("bytes", None):
+            continue  # not plain: the Python code does it all
+        assert compiled == _pure_encode_list(encoder, head, items)
+
+
+@given(_plain_values | values(), st.integers(1, 4), st.integers(1, 70))
+@settings(max_examples=300)
+@example(((1, "x"), [None, True, False], {"k": 1.5}), 4, 70)
+def test_compiled_flat_value_is_the_pure_one(value: Any, depth: int, collisions: int) -> None:
+    limits = Limits(max_depth=depth, max_hash_collisions=collisions)
+    try:
+        sexp = _jelly.jelly(value)
+    except Exception:  # a lone surrogate: nothing to read
+        return
+    levels = min(limits.max_depth, _jelly._FLAT_LEVELS)
+    allowed = _jelly.globalSecurity.allowedTypes
+    pure = _jelly._flat(sexp, allowed, limits, levels) if type(sexp) is list else sexp
+    compiled = _speedups.flat_value(sexp, allowed, limits.max_hash_collisions, levels, _jelly.NOT_FLAT)
+    if pure is _jelly.NOT_FLAT:
+        assert compiled is _jelly.NOT_FLAT
+    else:
+        assert type(compiled) is type(pure) and same_structure(compiled, pure)

@@ -13,7 +13,10 @@ expressions; both must give the same expressions (same types, float bits and
 shared vocabulary words), the same error message, and the same ``offset``,
 ``buffered``, ``held`` and ``at_boundary`` after every step. Every expression
 decoded is then encoded by ``PyEncoder`` and the compiled ``Encoder`` with each
-set of limits: the same bytes or the same error. Any difference is a crash.
+set of limits: the same bytes or the same error. Each expression, and each of
+its first items (a PB message's values), is also read by jelly's plain-value
+reader, compiled and pure: the same value, or both leave it to the unjellier.
+Any difference is a crash.
 
 Coverage feedback comes from the pure code (atheris instruments Python, not
 the extension); the compiled code is checked against it on every input.
@@ -44,7 +47,7 @@ def _instrumentation() -> contextlib.AbstractContextManager[object]:
 from fuzz_cost import within_budget  # noqa: E402 (not instrumented: it is not pbcore)
 
 with _instrumentation():
-    from pbcore import banana
+    from pbcore import banana, jelly
     from pbcore.banana import DIALECTS, Limits, PyDecoder, PyEncoder
     from pbcore.errors import BananaError
 
@@ -127,6 +130,22 @@ def _encoded(cls: Any, expression: Any, dialect: bytes, limits: Limits) -> Any:
         return str(error)
 
 
+def _compare_flat(expression: Any, limits: Limits) -> None:
+    # jelly's plain-value reader, compiled and pure, on whatever the stream decoded to.
+    assert _speedups is not None
+    allowed, levels = jelly.globalSecurity.allowedTypes, min(limits.max_depth, jelly._FLAT_LEVELS)
+    if type(expression) is not list:
+        return
+    for sexp in [expression, *expression[:8]]:  # a PB message's values are its items
+        if type(sexp) is not list:
+            continue
+        pure = jelly._flat(sexp, allowed, limits, levels)
+        compiled = _speedups.flat_value(sexp, allowed, limits.max_hash_collisions, levels, jelly.NOT_FLAT)
+        assert (compiled is jelly.NOT_FLAT) == (pure is jelly.NOT_FLAT), (sexp, compiled, pure)
+        if pure is not jelly.NOT_FLAT:
+            assert type(compiled) is type(pure) and repr(compiled) == repr(pure), (sexp, compiled, pure)
+
+
 def check(data: bytes) -> None:
     """Compare the two codecs on *data* (see the module docstring)."""
     assert _speedups is not None
@@ -137,6 +156,7 @@ def check(data: bytes) -> None:
                 compiled, _ = _trace(_speedups.Decoder, data, sizes, dialect, limits)
                 assert compiled == pure, (dialect, limits, sizes, compiled, pure)
             for expression in expressions[:20]:
+                _compare_flat(expression, limits)
                 for encoding_limits in LIMITS:
                     for encoding_dialect in DIALECTS:
                         mine = _encoded(_speedups.Encoder, expression, encoding_dialect, encoding_limits)

@@ -1489,7 +1489,9 @@ encoder_dealloc(Encoder *self)
     type->tp_free((PyObject *)self);
 }
 
-static PyObject *encoder_encode_message(Encoder *self, PyObject *args); /* below, with the plain values */
+/* Below, with the plain values. */
+static PyObject *encoder_encode_message(Encoder *self, PyObject *args);
+static PyObject *encoder_encode_plain(Encoder *self, PyObject *args);
 
 static PyMethodDef encoder_methods[] = {
     {"encode", (PyCFunction)encoder_encode, METH_O, "Return the bytes for one s-expression."},
@@ -1498,6 +1500,9 @@ static PyMethodDef encoder_methods[] = {
     {"encode_message", (PyCFunction)encoder_encode_message, METH_VARARGS,
      "encode_message(head, values): the bytes of [*head, *values] with each value jellied, when every value is "
      "plain (pbcore.codec.ValueEncoder._write_flat); None when one is not (pb dialect only)."},
+    {"encode_plain", (PyCFunction)encoder_encode_plain, METH_VARARGS,
+     "encode_plain(value, depth=0): the bytes of value jellied, at Banana nesting depth, when it is plain; "
+     "else None (pb dialect only)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1744,6 +1749,39 @@ encoder_encode_message(Encoder *self, PyObject *args)
         status = write_plain(self, item, &out, 1, PLAIN_LEVELS, seen);
         Py_DECREF(item);
     }
+    if (status == 1) {
+        result = PyBytes_FromStringAndSize(out.data, out.len);
+    }
+    else if (status == 0) {
+        result = Py_NewRef(Py_None);
+    }
+    out_free(&out);
+    Py_DECREF(seen);
+    return result;
+}
+
+static PyObject *
+encoder_encode_plain(Encoder *self, PyObject *args)
+{
+    PyObject *value;
+    Py_ssize_t depth = 0;
+    if (!encoder_ready(self)) {
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O|n:encode_plain", &value, &depth)) {
+        return NULL;
+    }
+    if (self->vocab == NULL) {
+        Py_RETURN_NONE; /* jelly's fixed forms above are the pb dialect's */
+    }
+    PyObject *seen = PySet_New(NULL);
+    if (seen == NULL) {
+        return NULL;
+    }
+    Out out;
+    out_init(&out);
+    PyObject *result = NULL;
+    int status = write_plain(self, value, &out, (long long)depth, PLAIN_LEVELS, seen);
     if (status == 1) {
         result = PyBytes_FromStringAndSize(out.data, out.len);
     }

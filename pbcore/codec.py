@@ -42,7 +42,7 @@ from .banana import (
     int_to_b128,
 )
 from .errors import BananaError, NotJellyable
-from .jelly import Handler, Jellier, SecurityOptions, Unjellier, globalSecurity
+from .jelly import Handler, Jellier, SecurityOptions, globalSecurity, unjelly
 
 __all__ = ["ValueEncoder", "dumps", "loads"]
 
@@ -258,6 +258,7 @@ class ValueEncoder:
         self._words = _VOCAB_ITEMS if self._fused else {}
         # The compiled encoder writes a message of plain values itself: the same bytes, or None.
         self._compiled_message = getattr(self._banana, "encode_message", None) if self._fused else None
+        self._compiled_plain = getattr(self._banana, "encode_plain", None) if self._fused else None
 
     def encode(self, value: Any, invoker: Any = None) -> bytes:
         """The bytes of one value as a complete expression."""
@@ -298,6 +299,10 @@ class ValueEncoder:
             out = bytearray()
             self._banana.encode_into(Jellier(self.taster, invoker, self.limits).jelly(value), out, depth)
             return bytes(out)
+        if self._compiled_plain is not None:
+            data = self._compiled_plain(value, depth)
+            if data is not None:
+                return bytes(data)
         out = bytearray()
         if self._write_flat(value, out, depth):
             return bytes(out)
@@ -378,4 +383,4 @@ def loads(
     sexp = decoder.next_expression()
     if sexp is None or not decoder.at_boundary:
         raise BananaError("expected exactly one complete expression")
-    return Unjellier(taster, invoker, handlers, limits).unjellyFull(sexp)
+    return unjelly(sexp, taster, invoker=invoker, handlers=handlers, limits=limits)

@@ -1101,4 +1101,8 @@ def unjelly(
     :class:`~pbcore.errors.InsecureJelly`) for anything malformed or refused;
     never imports anything.
     """
+    if not handlers:  # a plain value needs no unjellier (handlers could claim its forms)
+        value = flat_value(sexp, taster, limits)
+        if value is not NOT_FLAT:
+            return value
     return Unjellier(taster, invoker, handlers, limits).unjellyFull(sexp)

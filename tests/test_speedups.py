@@ -622,3 +622,26 @@ def test_compiled_flat_value_is_the_pure_one(value: Any, depth: int, collisions:
         assert compiled is _jelly.NOT_FLAT
     else:
         assert type(compiled) is type(pure) and same_structure(compiled, pure)
+
+
+@given(_plain_values | values(), st.integers(1, 6), st.integers(5, 12), st.integers(0, 3))
+@settings(max_examples=300)
+@example((1, "x", [None, True, {"k": 1.5}]), 6, 12, 0)
+@example(frozenset({1, 2}), 6, 12, 2)
+def test_encode_plain_is_the_pure_write_flat(value: Any, depth: int, size: int, at: int) -> None:
+    for limits in (Limits(), Limits(max_depth=depth, size_limit=size)):
+        compiled_encoder = CEncoder(b"pb", limits)
+        encoder = _codec.ValueEncoder(limits=limits)
+        encoder._banana = compiled_encoder
+        try:
+            compiled: tuple[str, Any] = ("bytes", compiled_encoder.encode_plain(value, at))
+        except Exception as error:
+            compiled = (type(error).__name__, str(error))
+        out = bytearray()
+        try:
+            pure: tuple[str, Any] = ("bytes", bytes(out) if encoder._write_flat(value, out, at) else None)
+        except Exception as error:
+            pure = (type(error).__name__, str(error))
+        if compiled == ("bytes", None):
+            continue  # the compiled code leaves it (and any refusal) to the Python code
+        assert compiled == pure

@@ -64,6 +64,8 @@ ENCODE_MIN_RATIO: Final = 4.0
 DECODE_MIN_RATIO: Final = {100: 5.0, 3000: 25.0}
 LINEARITY_N: Final = (100, 3000)
 LINEARITY_MAX: Final = 35.0
+#: pbcore's encode and decode against json.dumps and json.loads of the same payload (issue 11).
+JSON_MAX_RATIO: Final = 3.0
 
 
 # ---------------------------------------------------------------------------
@@ -315,6 +317,40 @@ def bench_sizes(sizes: Sequence[int], repeat: int, min_time: float, clock: Clock
             flush=True,
         )
         rows.append(row)
+    print("\nagainst json (the standard library's, C-accelerated; the same payload as JSON text)")
+    print(
+        f"{'N':>6} {'JSON bytes':>10} | {'json.dumps':>10} {'pbcore':>10} {'ratio':>6} |"
+        f" {'json.loads':>10} {'pbcore':>10} {'ratio':>6}"
+    )
+    for row in rows:
+        payload = make_payload(row["n"])
+        text = json.dumps(payload)
+        figures = measure_interleaved(
+            [
+                (json.dumps, payload),
+                (pbcore_codec.encode, payload),
+                (json.loads, text),
+                (pbcore_codec.decode, pbcore_codec.encode(payload)),
+            ],
+            repeat=repeat,
+            min_time=min_time,
+            clock=clock,
+        )
+        (dumps_s, _), (encode_s, _), (loads_s, _), (decode_s, _) = figures
+        # pbcore's time over json's: 1 is as fast, 3 is three times as long.
+        row["json"] = {
+            "bytes": len(text),
+            "dumps_s": dumps_s,
+            "loads_s": loads_s,
+            "encode_over_dumps": encode_s / dumps_s,
+            "decode_over_loads": decode_s / loads_s,
+        }
+        print(
+            f"{row['n']:>6} {len(text):>10} | {fmt_time(dumps_s):>10} {fmt_time(encode_s):>10}"
+            f" {encode_s / dumps_s:>5.1f}x | {fmt_time(loads_s):>10} {fmt_time(decode_s):>10}"
+            f" {decode_s / loads_s:>5.1f}x",
+            flush=True,
+        )
     print("\ntwo-step encode (pbcore.jelly, then pbcore.banana; informational, not part of the targets)")
     print(f"{'N':>6} {'bytes':>9} | {'two-step':>12} {'MB/s':>7} {'ratio':>6} {'fused is':>11}")
     for row in rows:
@@ -418,6 +454,16 @@ def verdict(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "target": f"decode >= {minimum:g}x faster than Twisted at N={n}",
                 "measured": None if row is None else row["decode"]["ratio"],
                 "met": None if row is None else row["decode"]["ratio"] >= minimum,
+            }
+        )
+    row = by_n.get(BASE_N)
+    for op, key in (("encode", "encode_over_dumps"), ("decode", "decode_over_loads")):
+        slower = None if row is None or "json" not in row else row["json"][key]
+        targets.append(
+            {
+                "target": f"{op} takes <= {JSON_MAX_RATIO:g}x json's time at N={BASE_N}",
+                "measured": slower,
+                "met": None if slower is None else slower <= JSON_MAX_RATIO,
             }
         )
     small, large = (by_n.get(n) for n in LINEARITY_N)
@@ -540,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pbcore {pbcore.__version__} vs Twisted {twisted.__version__}"
         f" on Python {platform.python_version()} ({platform.python_implementation()}), {platform.platform()}"
     )
+    print(f"codec: {'compiled' if pb_banana.ACCELERATED else 'pure Python'} (PBCORE_PURE forces the pure one)")
     print(
         f"sizes {sizes}, repeat {repeat}, min time {min_time} s per repeat, clock {args.clock};"
         " times are per operation, minimum over repeats"
@@ -561,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": platform.machine(),
             "twisted": twisted.__version__,
             "pbcore": pbcore.__version__,
+            "compiled": pb_banana.ACCELERATED,
             "source": _source_state(),
             "settings": {
                 "sizes": sizes,

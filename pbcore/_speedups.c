@@ -47,6 +47,7 @@ static PyObject *Words[N_WORDS];       /* index -> the shared word bytes (pb dia
 static PyObject *WordsDict = NULL;     /* the same, as given (for indexes past N_WORDS) */
 static PyObject *PbDialect = NULL;     /* b"pb" */
 static PyObject *EmptyBytes = NULL;
+static PyObject *UnicodeTag = NULL;    /* b"unicode", jelly's commonest atom (never a vocabulary word) */
 
 static int
 configured(void)
@@ -467,7 +468,13 @@ decoder_parse(Decoder *self, PyObject *bufobj, Py_ssize_t pos, PyObject **result
                     status = 0;
                     goto done;
                 }
-                item = PyBytes_FromStringAndSize((const char *)buf + pos, (Py_ssize_t)num);
+                if (num == 7 && UnicodeTag != NULL && memcmp(buf + pos, "unicode", 7) == 0) {
+                    /* jelly's tag for every str: one shared object (bytes are immutable) */
+                    item = Py_NewRef(UnicodeTag);
+                }
+                else {
+                    item = PyBytes_FromStringAndSize((const char *)buf + pos, (Py_ssize_t)num);
+                }
                 if (item == NULL) {
                     goto done;
                 }
@@ -1929,7 +1936,13 @@ speedups_flat_value(PyObject *Py_UNUSED(module), PyObject *args)
     if (!PyArg_ParseTuple(args, "OO!niO:flat_value", &sexp, &PyDict_Type, &allowed, &max_keys, &levels, &not_flat)) {
         return NULL;
     }
-    return read_plain_item(sexp, allowed, max_keys, levels, not_flat);
+    /* As while parsing: the containers made here would trigger collections that find nothing. */
+    int collecting = PyGC_Disable();
+    PyObject *value = read_plain_item(sexp, allowed, max_keys, levels, not_flat);
+    if (collecting) {
+        PyGC_Enable();
+    }
+    return value;
 }
 
 /* ========================================================================== */
@@ -1998,6 +2011,9 @@ PyInit__speedups(void)
         return NULL;
     }
     if (EmptyBytes == NULL && (EmptyBytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL) {
+        return NULL;
+    }
+    if (UnicodeTag == NULL && (UnicodeTag = PyBytes_FromString("unicode")) == NULL) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);

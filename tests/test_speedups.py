@@ -117,16 +117,19 @@ def run_encoder(cls: Any, sexp: Any, dialect: bytes, limits: Limits, depth: int)
     encoder = cls(dialect, limits)
     try:
         whole: Any = encoder.encode(sexp)
-    except (BananaError, RecursionError, ValueError, TypeError) as error:
+    except RecursionError:
+        whole = "RecursionError"
+    except (BananaError, ValueError, TypeError) as error:
         whole = error_of(error)
     out = bytearray(b"head")
     try:
         encoder.encode_into(sexp, out, depth)
         into: Any = None
-    except RecursionError as error:
+    except RecursionError:
         # Where the interpreter's recursion limit falls differs (C frames are not Python
-        # frames): the error is the same, not what was written before it.
-        return whole, error_of(error), None
+        # frames): the error class is the same, not its message (it names the call it was
+        # raised in) nor what was written before it.
+        return whole, "RecursionError", None
     except (BananaError, ValueError, TypeError) as error:
         into = error_of(error)
     return whole, into, bytes(out)
@@ -457,7 +460,12 @@ def test_cycles_and_depth() -> None:
     (whole, _, out) = compare_encoders(cycle)
     assert "nested deeper than 100 (or a cycle)" in whole[1]
     assert out.startswith(b"head\x02\x80\x01\x81")  # what was written before the error stays
-    compare_encoders(cycle, depth=-1000)  # a RecursionError, not a crash
+    # Below depth 0 a cycle runs into the interpreter's recursion limit first: refused, never
+    # a crash. (From 3.12, C code has its own, higher limit, so the compiled encoder may reach
+    # the depth limit instead: which error comes first is not compared.)
+    for cls in (PyEncoder, CEncoder):
+        with pytest.raises((RecursionError, BananaError)):
+            cls().encode_into(cycle, bytearray(), -1000)
     for depth in range(95, 102):
         compare_encoders([[[[]]]], depth=depth)
 

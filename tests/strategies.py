@@ -151,3 +151,39 @@ def same_structure(left: Any, right: Any) -> bool:
         return bool(a == b)
 
     return walk(left, right)
+
+
+def plain_atoms(*extra: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """The atoms of plain values (pbcore.codec's and pbcore.jelly's fast paths), with vocabulary words, and *extra*."""
+    return st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**80), 2**80),
+        st.floats(allow_nan=True),
+        st.binary(max_size=12) | st.sampled_from([b"None", b"tuple", b""]),
+        st.text(max_size=12) | st.sampled_from(["None", "list"]),
+        *extra,
+    )
+
+
+def plain_values(atoms: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Containers of *atoms* nested a few deep, some holding a container twice or themselves (no longer plain)."""
+
+    def cycle(_: Any) -> list[Any]:
+        box: list[Any] = [1]
+        box.append(box)
+        return box
+
+    keys = atoms.filter(lambda v: not (isinstance(v, float) and math.isnan(v)))  # NaN keys never compare equal
+    return st.recursive(
+        atoms,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=8),
+            st.lists(inner, max_size=8).map(tuple),
+            st.dictionaries(keys, inner, max_size=6),
+            st.frozensets(st.integers(0, 99), max_size=4),
+            inner.map(lambda v: [v, v]),
+            st.just(None).map(cycle),
+        ),
+        max_leaves=16,
+    )

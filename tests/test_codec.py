@@ -9,7 +9,6 @@ rewritten in place), with reference numbers in Twisted's order throughout.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 
 from pbcore import banana, codec, jelly
 from pbcore.errors import BananaError, JellyError, NotJellyable
-from tests.strategies import same_structure, values
+from tests.strategies import plain_atoms, plain_values, same_structure, values
 
 twisted_banana: Any = pytest.importorskip("twisted.spread.banana")
 twisted_jelly: Any = pytest.importorskip("twisted.spread.jelly")
@@ -265,28 +264,8 @@ class _Number(int):
     pass
 
 
-_flat_atoms = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**80), 2**80),
-    st.floats(allow_nan=True),
-    st.binary(max_size=12) | st.sampled_from([b"None", b"tuple", b""]),
-    st.text(max_size=12) | st.sampled_from(["None", "list"]),  # no lone surrogates: see test_unsendable_values
-    st.builds(_Text, st.text(max_size=3)),
-    st.builds(_Number, st.integers(0, 9)),
-)
-_flat_values = st.recursive(
-    _flat_atoms,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=8),
-        st.lists(inner, max_size=8).map(tuple),
-        st.dictionaries(_flat_atoms.filter(lambda v: not (isinstance(v, float) and math.isnan(v))), inner, max_size=6),
-        # The same container twice, and a container inside itself: references, the general way.
-        inner.map(lambda v: [v, v]),
-        st.just(None).map(lambda _: _cycle()),
-    ),
-    max_leaves=16,
-)
+# No lone surrogates here: see test_unsendable_values_are_not_jellyable.
+_flat_values = plain_values(plain_atoms(st.builds(_Text, st.text(max_size=3)), st.builds(_Number, st.integers(0, 9))))
 
 
 def _cycle() -> list[Any]:

@@ -579,27 +579,9 @@ def test_tests_can_fail() -> None:
 
 from pbcore import codec as _codec  # noqa: E402
 from pbcore import jelly as _jelly  # noqa: E402
-from tests.strategies import same_structure, values  # noqa: E402
+from tests.strategies import plain_atoms, plain_values, same_structure, values  # noqa: E402
 
-_plain_atoms = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**70), 2**70),
-    st.floats(allow_nan=True),
-    st.binary(max_size=10) | st.sampled_from([b"None", b"tuple", b""]),
-    st.text(max_size=10) | st.sampled_from(["None", "list", "\ud800"]),
-)
-_plain_values = st.recursive(
-    _plain_atoms,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=6),
-        st.lists(inner, max_size=6).map(tuple),
-        st.dictionaries(st.text(max_size=4) | st.integers(0, 9), inner, max_size=5),
-        st.frozensets(st.integers(0, 99), max_size=4),
-        inner.map(lambda v: [v, v]),
-    ),
-    max_leaves=14,
-)
+_plain_values = plain_values(plain_atoms(st.just("\ud800")))
 
 
 def _pure_encode_list(encoder: Any, head: list[Any], items: list[Any]) -> tuple[str, Any]:

@@ -313,16 +313,18 @@ def _shares(value: Any) -> bool:
     return walk(value)
 
 
-# Size limits from 7: the fused encoder writes the fixed forms (None, booleans: b"boolean" is 7 bytes) as
-# constants, and never checks a message's own list, so a size limit below them would differ.
-@given(_flat_values, st.integers(1, 5), st.integers(7, 12))
-@example([0] * 7, 5, 7)  # 8 items with the tuple's name: one over
-@example(dict.fromkeys(range(7)), 5, 7)
-@example((1,), 2, 7)  # the deepest a flat container may be
-@example({"k": "v"}, 3, 7)  # in a message, the text is one level too deep
-@example([[[[1]]]], 5, 7)  # four deep: the general way
-@example(([1], [1]), 5, 7)  # equal, not the same: no reference
-@example(_cycle(), 3, 7)  # [reference, 1, [1, [dereference, 1]]]: at the limit once inside a message
+# Size limits from 9: the fused encoder writes the fixed forms (None, booleans, the names of the
+# containers: b"frozenset" is 9 bytes) as constants, and never checks a message's own list, so a size
+# limit below them would differ.
+@given(_flat_values, st.integers(1, 5), st.integers(9, 14))
+@example([0] * 9, 5, 9)  # 10 items with the list's name: one over
+@example(dict.fromkeys(range(9)), 5, 9)
+@example((1,), 2, 9)  # the deepest a flat container may be
+@example({"k": "v"}, 3, 9)  # in a message, the text is one level too deep
+@example([[[[1]]]], 5, 9)  # four deep: the general way
+@example(([1], [1]), 5, 9)  # equal, not the same: no reference
+@example(_cycle(), 3, 9)  # [reference, 1, [1, [dereference, 1]]]: at the limit once inside a message
+@example(frozenset(), 1, 9)
 def test_flat_values_at_any_limit_are_the_two_step_bytes_or_error(value: Any, depth: int, size: int) -> None:
     # ValueEncoder writes atoms and flat containers without a jellier; near a limit it defers to the
     # general way. Either way: the two-step bytes, or the same refusal.

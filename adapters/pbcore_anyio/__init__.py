@@ -27,8 +27,9 @@ calls, answers them and cancels them when the connection ends; it starts no
 call while more than the broker's ``Limits.output_high_water`` bytes are
 unwritten (this module's backlog counted). This module moves bytes, runs the
 tasks it is handed, starts the calls that waited once its writer has written
-some, stops reading from a peer while that much is unwritten or while the
-dispatcher holds ``Limits.max_queued_calls`` calls, and closes.
+some, stops reading from a peer while the dispatcher wants no input (calls
+wait for that output to drain, or ``Limits.max_queued_calls`` wait), and
+closes.
 
 Timers are the core's too: each connection runs its broker's
 :class:`pbcore.timers.ConnectionTimers` (``connection.timers``) on

@@ -115,10 +115,11 @@ class Connection(asyncio.BufferedProtocol):
     Back-pressure: the transport's write buffer pauses at the broker's
     ``Limits.output_high_water``, which is also where the dispatcher stops
     starting calls (it counts that buffer and the batch held, see
-    :mod:`pbcore.serving`). Nothing more is read from the peer while writing is
-    paused (the peer does not read what it is sent) or while the dispatcher
-    holds ``Limits.max_queued_calls`` calls; the calls waiting start as the
-    output drains.
+    :mod:`pbcore.serving`). Nothing more is read from the peer while calls of
+    its wait for that output (or the dispatcher holds
+    ``Limits.max_queued_calls`` calls), never for a full output alone: the
+    answers to this side's own calls still come in. The calls waiting start
+    as the output drains.
     """
 
     def __init__(self, make_broker: Callable[..., Broker], server: Server | None = None) -> None:

@@ -48,10 +48,11 @@ progress, and everything on a TLS stream go out through the writer task.
 Memory stays bounded when a peer stops reading: the writer sends through the
 stream's ``send_all`` up to the broker's ``Limits.output_high_water`` at a
 time; while more than that waits to be written no further call starts (the
-dispatcher counts this backlog, see :mod:`pbcore.serving`) and this side
-stops reading from that peer, as it does while the dispatcher holds
-``Limits.max_queued_calls`` calls; the writer starts the calls that waited
-as the backlog drains. A peer that sends garbage gets its own connection closed;
+dispatcher counts this backlog, see :mod:`pbcore.serving`), and this side
+stops reading from that peer while calls of its wait for it (or the
+dispatcher holds ``Limits.max_queued_calls`` calls): never for a full output
+alone, so the answers to this side's own calls still come in. The writer
+starts the calls that waited as the backlog drains. A peer that sends garbage gets its own connection closed;
 the others go on. When the broker closes itself (the application called its
 ``connection_lost``, or a peer asked for too many references), nothing more is
 read, what was queued before goes out (for up to :data:`CLOSE_TIMEOUT`

@@ -94,13 +94,33 @@ def _thread_read_buffer() -> memoryview:
 
 
 class PendingFuture(asyncio.Future[Any]):
-    """A call's result: an asyncio Future the broker settles."""
+    """A call's result: an asyncio Future the broker settles.
+
+    Cancelling it (``cancel()``, ``asyncio.wait_for``, or cancelling the task
+    awaiting it) tells the broker at once to stop waiting for the call: a
+    late answer is dropped.
+    """
+
+    # A hook on cancel() rather than a done-callback: a callback would be scheduled on
+    # the loop for every call answered, only to find it was not cancelled.
+    _broker: Broker | None = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        broker = self._broker
+        if broker is not None:
+            self._broker = None
+            broker.cancel(self)  # type: ignore[arg-type]
+        return True
 
     def resolve(self, value: Any) -> None:
+        self._broker = None  # a settled result kept by the application keeps no connection alive
         if not self.done():
             self.set_result(value)
 
     def fail(self, error: BaseException) -> None:
+        self._broker = None
         if not self.done():
             self.set_exception(error)
 
@@ -333,12 +353,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def _new_pending(self) -> PendingFuture:
         pending = PendingFuture(loop=self._loop)
-        pending.add_done_callback(self._forget_if_cancelled)
+        pending._broker = self._broker
         return pending
-
-    def _forget_if_cancelled(self, pending: asyncio.Future[Any]) -> None:
-        if pending.cancelled() and self._broker is not None:
-            self._broker.cancel(pending)  # type: ignore[arg-type]
 
     # -- output -----------------------------------------------------------------------------
 

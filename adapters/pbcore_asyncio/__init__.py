@@ -134,7 +134,7 @@ class Connection(asyncio.BufferedProtocol):
 
     Back-pressure: the transport's write buffer pauses at the broker's
     ``Limits.output_high_water``, which is also where the dispatcher stops
-    starting calls (it counts that buffer and the batch held, see
+    starting calls (it counts that buffer and the broker's unwritten output, see
     :mod:`pbcore.serving`). Nothing more is read from the peer while calls of
     its wait for that output (or the dispatcher holds
     ``Limits.max_queued_calls`` calls), never for a full output alone: the
@@ -160,7 +160,6 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         # Output taken from the broker as soon as it is queued (so that it
         # survives the broker closing itself), written once per batch.
-        self._held = bytearray()
         self._idle: asyncio.Future[None] | None = None  # set once no served call runs
         self._abort: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -246,7 +245,7 @@ class Connection(asyncio.BufferedProtocol):
                     # Answers go out together, in one write per batch of
                     # calls; but a batch that has collected enough is written
                     # now, so that the transport can pause reading early.
-                    if len(self._held) >= WRITE_SIZE:
+                    if broker.bytes_to_send >= WRITE_SIZE:
                         self._flush()
         finally:
             self._busy = False
@@ -393,26 +392,23 @@ class Connection(asyncio.BufferedProtocol):
             self._close_transport()
 
     def _write(self, transport: asyncio.Transport, broker: Broker) -> None:
-        held = self._held
-        held += broker.data_to_send()  # and the releases queued from other threads
-        if held:
-            self._held = bytearray()  # the transport may keep the one it is given
-            transport.write(held)
+        data = broker.data_to_send()  # and the releases queued from other threads
+        if data:
+            transport.write(data)
 
     def _unwritten(self) -> int:
         # The dispatcher's backlog: what this side holds unwritten (the broker's own output it counts itself).
         transport = self.transport
-        return len(self._held) + (0 if transport is None else transport.get_write_buffer_size())
+        return 0 if transport is None else transport.get_write_buffer_size()
 
     def _close_transport(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing() or self._closed.done():
             return
         if self._broker is not None:
-            self._held += self._broker.data_to_send()  # after broker.close(), what it had queued
-        if self._held:  # what was sent before the broker closed still goes out
-            held, self._held = self._held, bytearray()
-            transport.write(held)
+            data = self._broker.data_to_send()  # after broker.close(), what it had queued
+            if data:  # what was sent before the broker closed still goes out
+                transport.write(data)
         self._cancel_wake()
         transport.close()
         # close() waits for the write buffer to drain: not forever.
@@ -458,9 +454,10 @@ class Connection(asyncio.BufferedProtocol):
         if broker.closed:
             self._close_transport()
             return
-        self._held += broker.data_to_send()
+        # The broker holds it until the flush, which writes everything queued by then at once
+        # (a window of calls, a read's answers): a busy flush follows anyway.
         if not self._busy:
-            self._schedule_flush()  # one write for everything queued until then (a window of calls)
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:

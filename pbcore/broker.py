@@ -179,7 +179,11 @@ class Broker:
     its transport at once. *peer* is the peer's address, for logs and the
     application (``broker.peer``); the adapter sets it. *budget* is the
     process-wide bound on unfinished messages this connection counts against
-    (:data:`pbcore.budget.DEFAULT_BUDGET` unless given).
+    (:data:`pbcore.budget.DEFAULT_BUDGET` unless given). With
+    *settled_events* False, no :class:`~pbcore.events.AnswerReceived` or
+    :class:`~pbcore.events.ErrorReceived` is queued when a call of ours is
+    settled (its pending result is settled either way): an adapter that
+    reads only :class:`~pbcore.events.CallReceived` saves an object per call.
     """
 
     version = PROTOCOL_VERSION
@@ -198,8 +202,10 @@ class Broker:
         peer: Any = None,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         budget: MemoryBudget = DEFAULT_BUDGET,
+        settled_events: bool = True,
     ) -> None:
         self.is_client = is_client
+        self._settled_events = settled_events
         #: Where this connection reports the bytes of unfinished messages it holds (see pbcore.budget).
         self.budget = budget
         #: The peer's address (as the transport gives it), or None.
@@ -681,17 +687,21 @@ class Broker:
         if self.dialect is None:
             raise Error("the PB handshake is not complete: wait for the Ready event")
         encoder = self._encoders[self.dialect]
+        data = encoder.encode_plain_list(head, values)  # the common case: nothing to count
+        if data is None:
+            data = self._encode_counted(encoder, head, values, perspective)
+        else:
+            self._check_length(data)
+        self._queue(data)
+
+    def _encode_counted(self, encoder: ValueEncoder, head: list[Sexp], values: list[Any], perspective: Any) -> bytes:
+        # Values that may hold references, copies, caches: the jellier counts them here,
+        # serializing for *perspective*, and the counts are taken back if the message fails.
         self.serializingPerspective = perspective
         self._journal = []
         try:
             data = encoder.encode_list(head, values, invoker=self)
-            if len(data) > self.limits.max_expression_bytes:
-                # A peer with the same (default) limits would refuse it and drop the
-                # connection: refuse it here instead, as an error the caller sees.
-                raise BananaError(
-                    f"the message is {len(data)} bytes, over the limit of {self.limits.max_expression_bytes}"
-                    " (Limits.max_expression_bytes) that a peer with the same limits accepts"
-                )
+            self._check_length(data)
         except BaseException:
             # Nothing was sent: take back the references counted meanwhile
             # (unless encoding closed the broker, which has forgotten them all).
@@ -701,7 +711,16 @@ class Broker:
         finally:
             self.serializingPerspective = None
             self._journal = None
-        self._queue(data)
+        return data
+
+    def _check_length(self, data: bytes) -> None:
+        if len(data) > self.limits.max_expression_bytes:
+            # A peer with the same (default) limits would refuse it and drop the
+            # connection: refuse it here instead, as an error the caller sees.
+            raise BananaError(
+                f"the message is {len(data)} bytes, over the limit of {self.limits.max_expression_bytes}"
+                " (Limits.max_expression_bytes) that a peer with the same limits accepts"
+            )
 
     def _queue(self, data: bytes | bytearray) -> None:
         # Releases queued by finalizers go out before anything newer, as
@@ -825,7 +844,8 @@ class Broker:
             return
         if pending is not None:
             pending.resolve(result)
-            self._events.append(AnswerReceived(expression[1], result))
+            if self._settled_events:
+                self._events.append(AnswerReceived(expression[1], result))
 
     def _error(self, expression: list[Any]) -> None:
         _arity(expression, 3)
@@ -841,7 +861,8 @@ class Broker:
     def _call_failed(self, request_id: int, pending: Pending | None, failure: BaseException) -> None:
         if pending is not None:  # None: cancelled locally, dropped
             pending.fail(failure)
-            self._events.append(ErrorReceived(request_id, failure))
+            if self._settled_events:
+                self._events.append(ErrorReceived(request_id, failure))
 
     def _take_pending(self, request_id: Any) -> Pending | None:
         if type(request_id) is not int:

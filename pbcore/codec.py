@@ -271,28 +271,50 @@ class ValueEncoder:
         names); each value is jellied on its own, with its own reference
         numbers, as a PB peer serializes each argument list.
         """
-        if self._compiled_message is not None:  # the plain case in one call (pbcore/_speedups.c)
-            data = self._compiled_message(
-                head if type(head) is list else list(head), values if type(values) is list else list(values)
-            )
-            if data is not None:
-                return bytes(data)
-        size = len(head) + len(values)
-        out = bytearray(_LIST_HEAD[size] if size < _TABLE_SIZE else int_to_b128(size) + b"\x80")
-        encode_into, words = self._banana.encode_into, self._words
-        for item in head:  # a command (a vocabulary word), ids, a name: Banana's atoms
-            if type(item) is int and 0 <= item < _TABLE_SIZE:
-                out += _INT_HEAD[item]
-            elif type(item) is bytes and item in words:
-                out += words[item]
-            else:
-                encode_into(item, out, 1)
+        data = self.encode_plain_list(head, values)
+        if data is not None:
+            return data
+        out = self._write_head(head, len(values))
         for value in values:
             if not self._fused:
                 out += self._encode(value, invoker, 1)
             elif not self._write_flat(value, out, 1):
                 out += _FusedJellier(self, invoker).run(value, 1)
         return bytes(out)
+
+    def encode_plain_list(self, head: Sequence[Sexp], values: Sequence[Any]) -> bytes | None:
+        """What :meth:`encode_list` gives, when every value is plain (see :meth:`_write_flat`); else None.
+
+        A plain value holds nothing a jellier counts or asks about (no
+        references, no perspective), so a broker sends such a message
+        without its bookkeeping for them.
+        """
+        if self._compiled_message is not None:  # the same, in one call (pbcore/_speedups.c)
+            data: bytes | None = self._compiled_message(
+                head if type(head) is list else list(head), values if type(values) is list else list(values)
+            )
+            return data
+        if not self._fused:
+            return None
+        out = self._write_head(head, len(values))
+        for value in values:
+            if not self._write_flat(value, out, 1):
+                return None
+        return bytes(out)
+
+    def _write_head(self, head: Sequence[Sexp], values: int) -> bytearray:
+        # The list's header and the head's atoms (a command, a vocabulary word; ids; a name).
+        size = len(head) + values
+        out = bytearray(_LIST_HEAD[size] if size < _TABLE_SIZE else int_to_b128(size) + b"\x80")
+        encode_into, words = self._banana.encode_into, self._words
+        for item in head:
+            if type(item) is int and 0 <= item < _TABLE_SIZE:
+                out += _INT_HEAD[item]
+            elif type(item) is bytes and item in words:
+                out += words[item]
+            else:
+                encode_into(item, out, 1)
+        return out
 
     def _encode(self, value: Any, invoker: Any, depth: int) -> bytes:
         if not self._fused:

@@ -261,7 +261,10 @@ class Dispatcher:
 
     def dispatch(self, events: Iterable[Event]) -> None:
         """Start the calls among *events* in order, after those received before (see the module docstring)."""
-        self._queue.extend(event for event in events if isinstance(event, CallReceived))
+        queue = self._queue
+        for event in events:
+            if isinstance(event, CallReceived):
+                queue.append(event)
         self._start_queued()
 
     def _start_queued(self) -> None:
@@ -301,7 +304,7 @@ class Dispatcher:
         except Exception as error:
             self._fail(event, error)
             return None
-        if not inspect.isawaitable(result):
+        if type(result) in _PLAIN_RESULTS or not inspect.isawaitable(result):
             self._answer(event, result)
             return None
         limit = broker.limits.max_running_calls
@@ -374,6 +377,9 @@ class Dispatcher:
             except Exception as error:
                 log.error("%s: cancelling %r failed\n%s", _peer(self.broker), task, describe(error))
 
+
+#: Results known not to be awaitable without asking inspect (which asks the Awaitable ABC).
+_PLAIN_RESULTS = frozenset({type(None), int, str, bytes, float, bool, list, tuple, dict})
 
 #: Exceptions that are answers, not bugs: logged without a traceback.
 _EXPECTED = (Error, NoSuchMethod, LoginFailed)

@@ -32,7 +32,15 @@ from pbcore.errors import (
     PBConnectionLost,
     ProtocolError,
 )
-from pbcore.events import AnswerReceived, CallReceived, ConnectionClosed, DecRefReceived, NotUnderstood, Ready
+from pbcore.events import (
+    AnswerReceived,
+    CallReceived,
+    ConnectionClosed,
+    DecRefReceived,
+    ErrorReceived,
+    NotUnderstood,
+    Ready,
+)
 from pbcore.flavors import (
     AsReferenceable,
     Cacheable,
@@ -334,6 +342,17 @@ def test_arguments_that_cannot_be_unjellied_are_an_error_answer() -> None:
     assert error.check(InsecureJelly) is InsecureJelly
     assert not pair.server.closed and not pair.client.closed
     assert result(pair, root, "named", "alive") == "alive"
+
+
+@pytest.mark.parametrize("settled_events", [True, False])
+def test_settled_events_can_be_left_out_and_the_calls_still_settle(settled_events: bool) -> None:
+    pair, _server, root = served(settled_events=settled_events)
+    assert result(pair, root, "named", "alive") == "alive"
+    assert isinstance(call(pair, root, "fail").error, CopiedFailure)
+    kinds = [type(event) for event in pair.client_events]
+    assert (AnswerReceived in kinds and ErrorReceived in kinds) is settled_events
+    assert (AnswerReceived in kinds or ErrorReceived in kinds) is settled_events
+    assert CallReceived in [type(event) for event in pair.server_events]  # calls are never left out
 
 
 def test_one_way_calls_return_none_and_run() -> None:

@@ -313,6 +313,18 @@ def _shares(value: Any) -> bool:
     return walk(value)
 
 
+def test_a_plain_message_takes_the_plain_path_and_anything_else_does_not() -> None:
+    encoder = codec.ValueEncoder()
+    head: list[banana.Sexp] = [b"message", 3, b"root", b"echo", 1]
+    plain = [(1, "two", [3.5, None, True], {"k": b"v"}), {"flag": False}]
+    assert encoder.encode_plain_list(head, plain) == encoder.encode_list(head, plain)
+    assert encoder.encode_plain_list(head, plain) == banana.encode([*head, *(jelly.jelly(v) for v in plain)])
+    shared = [1]
+    for not_plain in ([(shared, shared), {}], [(jelly.Jellyable(),), {}], [([[[[1]]]],), {}]):
+        assert encoder.encode_plain_list(head, not_plain) is None
+    assert codec.ValueEncoder(b"none").encode_plain_list(head, plain) is None  # only pb abbreviates
+
+
 # Size limits from 9: the fused encoder writes the fixed forms (None, booleans, the names of the
 # containers: b"frozenset" is 9 bytes) as constants, and never checks a message's own list, so a size
 # limit below them would differ.
@@ -344,3 +356,7 @@ def test_flat_values_at_any_limit_are_the_two_step_bytes_or_error(value: Any, de
         assert _same(
             _outcome(lambda v, fused=fused: fused.encode_list(head, [v]), value), _outcome(layered_list, value), strict
         )
+        # The broker's plain path: the same bytes, or None (it never refuses: it leaves that to the above).
+        as_plain = fused.encode_plain_list(head, [value])
+        if as_plain is not None:
+            assert ("bytes", as_plain) == _outcome(layered_list, value)

@@ -111,7 +111,7 @@ class PendingFuture(asyncio.Future[Any]):
         broker = self._broker
         if broker is not None:
             self._broker = None
-            broker.cancel(self)  # type: ignore[arg-type]
+            broker.cancel(self)
         return True
 
     def resolve(self, value: Any) -> None:
@@ -198,7 +198,11 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
         broker = self._broker = self._make_broker(
-            pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued, peer=self.peer
+            pending_factory=self._new_pending,
+            wake_up=self._wake_up,
+            on_output=self._output_queued,
+            peer=self.peer,
+            settled_events=False,
         )
         keepalive, sock = broker.timeouts.tcp_keepalive, transport.get_extra_info("socket")
         if keepalive is not None and sock is not None:

@@ -31,7 +31,7 @@ import collections
 import functools
 import logging
 from collections.abc import Callable, Generator
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from .banana import DEFAULT_LIMITS, DIALECTS, Decoder, Encoder, Limits, Sexp
 from .budget import DEFAULT_BUDGET, MemoryBudget, OverBudget
@@ -66,7 +66,7 @@ from .flavors import (
     RemoteReference,
 )
 from .isolation import run_isolated
-from .jelly import NOT_FLAT, SecurityOptions, Unjellier, flat_value, globalSecurity
+from .jelly import NOT_FLAT, SecurityOptions, Unjellier, globalSecurity, plain_reader
 from .preview import preview
 from .timers import DEFAULT_TIMEOUTS, Timeouts
 
@@ -232,6 +232,7 @@ class Broker:
         self.close_reason: BaseException | None = None
         self._decoder = Decoder(b"none", limits)
         self._encoders, self._plain = _encoders(limits, security)
+        self._read_plain = plain_reader(security, limits)  # arguments and answers: most are plain
         self._out = bytearray()
         self._events: list[Event] = []
         self._root = root.rootObject(self) if root is not None and hasattr(root, "rootObject") else root
@@ -690,8 +691,8 @@ class Broker:
         data = encoder.encode_plain_list(head, values)  # the common case: nothing to count
         if data is None:
             data = self._encode_counted(encoder, head, values, perspective)
-        else:
-            self._check_length(data)
+        elif len(data) > self.limits.max_expression_bytes:
+            raise self._too_long(data)
         self._queue(data)
 
     def _encode_counted(self, encoder: ValueEncoder, head: list[Sexp], values: list[Any], perspective: Any) -> bytes:
@@ -701,7 +702,8 @@ class Broker:
         self._journal = []
         try:
             data = encoder.encode_list(head, values, invoker=self)
-            self._check_length(data)
+            if len(data) > self.limits.max_expression_bytes:
+                raise self._too_long(data)
         except BaseException:
             # Nothing was sent: take back the references counted meanwhile
             # (unless encoding closed the broker, which has forgotten them all).
@@ -713,20 +715,20 @@ class Broker:
             self._journal = None
         return data
 
-    def _check_length(self, data: bytes) -> None:
-        if len(data) > self.limits.max_expression_bytes:
-            # A peer with the same (default) limits would refuse it and drop the
-            # connection: refuse it here instead, as an error the caller sees.
-            raise BananaError(
-                f"the message is {len(data)} bytes, over the limit of {self.limits.max_expression_bytes}"
-                " (Limits.max_expression_bytes) that a peer with the same limits accepts"
-            )
+    def _too_long(self, data: bytes) -> BananaError:
+        # A peer with the same (default) limits would refuse it and drop the
+        # connection: refuse it here instead, as an error the caller sees.
+        return BananaError(
+            f"the message is {len(data)} bytes, over the limit of {self.limits.max_expression_bytes}"
+            " (Limits.max_expression_bytes) that a peer with the same limits accepts"
+        )
 
     def _queue(self, data: bytes | bytearray) -> None:
         # Releases queued by finalizers go out before anything newer, as
         # Twisted sends them: a call made after dropping a reference must not
         # overtake its decref.
-        self._drain_releases()
+        if self._releases:
+            self._drain_releases()
         # Output made outside receive_data (an application's call, a late
         # answer) must reach the transport: tell the adapter once per batch.
         was_empty = not self._out
@@ -785,7 +787,8 @@ class Broker:
         self._send_plain([b"version", self.version])
 
     def _version(self, expression: list[Any]) -> None:
-        _arity(expression, 2)
+        if len(expression) != 2:
+            _wrong_arity(expression, 2)
         if expression[1] != self.version:
             raise ProtocolError(f"the peer speaks PB version {expression[1]!r:.20}, we speak {self.version}")
         if not self.ready:
@@ -797,7 +800,8 @@ class Broker:
                 run_isolated(log, f"connect notifier {notifier!r:.80}", notifier)
 
     def _message(self, expression: list[Any]) -> None:
-        _arity(expression, 7)
+        if len(expression) != 7:
+            _wrong_arity(expression, 7)
         command, request_id, object_id, name, answer, net_args, net_kw = expression
         if type(request_id) is not int or type(name) is not bytes or type(answer) is not int:
             raise MessageError(f"malformed message: {expression[:5]!r:.120}")
@@ -812,10 +816,10 @@ class Broker:
         try:
             if target is None:
                 raise Error("Invalid Object ID")
-            args = flat_value(net_args, self.security, self.limits)
+            args = self._read_plain(net_args)
             if args is NOT_FLAT:
                 args = self._unjellier(getattr(target, "perspective", None)).unjellyFull(net_args)
-            kwargs = flat_value(net_kw, self.security, self.limits)
+            kwargs = self._read_plain(net_kw)
             if kwargs is NOT_FLAT:
                 kwargs = self._unjellier(getattr(target, "perspective", None)).unjellyFull(net_kw)
             if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
@@ -832,10 +836,11 @@ class Broker:
         self._events.append(CallReceived(request_id, target, method, tuple(args), kwargs, bool(answer), self))
 
     def _answer(self, expression: list[Any]) -> None:
-        _arity(expression, 3)
+        if len(expression) != 3:
+            _wrong_arity(expression, 3)
         pending = self._take_pending(expression[1])
         try:
-            result = flat_value(expression[2], self.security, self.limits)
+            result = self._read_plain(expression[2])
             if result is NOT_FLAT:
                 result = self._unjellier(None).unjellyFull(expression[2])
         except JellyError as error:
@@ -848,7 +853,8 @@ class Broker:
                 self._events.append(AnswerReceived(expression[1], result))
 
     def _error(self, expression: list[Any]) -> None:
-        _arity(expression, 3)
+        if len(expression) != 3:
+            _wrong_arity(expression, 3)
         pending = self._take_pending(expression[1])
         try:
             failure = self._unjellier(None).unjellyFull(expression[2])
@@ -876,7 +882,8 @@ class Broker:
         return self._waiting.pop(request_id)
 
     def _decref(self, expression: list[Any]) -> None:
-        _arity(expression, 2)
+        if len(expression) != 2:
+            _wrong_arity(expression, 2)
         luid = expression[1]
         if luid == _ROOT:
             return  # the root is not counted; Twisted never sends this
@@ -894,12 +901,14 @@ class Broker:
         self._events.append(DecRefReceived(luid, freed))
 
     def _did_not_understand(self, expression: list[Any]) -> None:
-        _arity(expression, 2)
+        if len(expression) != 2:
+            _wrong_arity(expression, 2)
         command = expression[1]
         self._events.append(NotUnderstood(command if type(command) is bytes else preview(command).encode()))
 
     def _decache(self, expression: list[Any]) -> None:
-        _arity(expression, 2)
+        if len(expression) != 2:
+            _wrong_arity(expression, 2)
         luid = expression[1]
         local = self.remotelyCachedObjects.get(luid) if type(luid) is int else None
         if local is None:
@@ -912,7 +921,8 @@ class Broker:
         self._send_plain([b"uncache", luid])
 
     def _uncache(self, expression: list[Any]) -> None:
-        _arity(expression, 2)
+        if len(expression) != 2:
+            _wrong_arity(expression, 2)
         luid = expression[1]
         instance = self.locallyCachedObjects.pop(luid, None) if type(luid) is int else None
         if instance is None:
@@ -973,7 +983,6 @@ def _keyword(key: Any) -> str:
     return key
 
 
-def _arity(expression: list[Any], size: int) -> None:
-    if len(expression) != size:
-        name = expression[0].decode("utf-8", "replace")
-        raise MessageError(f"{name} message has {len(expression) - 1} items, expected {size - 1}")
+def _wrong_arity(expression: list[Any], size: int) -> NoReturn:
+    name = expression[0].decode("utf-8", "replace")
+    raise MessageError(f"{name} message has {len(expression) - 1} items, expected {size - 1}")

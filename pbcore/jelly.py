@@ -60,6 +60,7 @@ __all__ = [
     "Unjellyable",
     "Unpersistable",
     "flat_value",
+    "plain_reader",
     "globalSecurity",
     "jelly",
     "qual",
@@ -866,14 +867,31 @@ def flat_value(sexp: Sexp, taster: SecurityOptions, limits: Limits = DEFAULT_LIM
     SecurityOptions, a dictionary whose keys could collide, bad UTF-8), is
     NOT_FLAT: the general way handles it and says what is wrong.
     """
-    if type(sexp) is not list:
-        return sexp if type(sexp) in _PLAIN else NOT_FLAT
-    if type(taster) is not SecurityOptions:
-        return NOT_FLAT
+    return plain_reader(taster, limits)(sexp)
+
+
+def plain_reader(taster: SecurityOptions, limits: Limits = DEFAULT_LIMITS) -> Callable[[Sexp], Any]:
+    """``lambda sexp: flat_value(sexp, taster, limits)``, with what it needs of *limits* read once.
+
+    What a broker reads every call's arguments and every answer with first.
+    *taster*'s allowed types are still read at each call (they are a public,
+    mutable table).
+    """
     levels = min(limits.max_depth, _FLAT_LEVELS)
-    if _compiled_flat is not None:  # the same, in C (pbcore/_speedups.c, read_plain)
-        return _compiled_flat(sexp, taster.allowedTypes, limits.max_hash_collisions, levels, NOT_FLAT)
-    return _flat(sexp, taster.allowedTypes, limits, levels)
+    collisions = limits.max_hash_collisions
+    plain_taster = type(taster) is SecurityOptions
+    compiled = _compiled_flat  # the same reading, in C (pbcore/_speedups.c, read_plain)
+
+    def read(sexp: Sexp) -> Any:
+        if type(sexp) is not list:
+            return sexp if type(sexp) in _PLAIN else NOT_FLAT
+        if not plain_taster:
+            return NOT_FLAT
+        if compiled is not None:
+            return compiled(sexp, taster.allowedTypes, collisions, levels, NOT_FLAT)
+        return _flat(sexp, taster.allowedTypes, limits, levels)
+
+    return read
 
 
 _compiled_flat: Callable[..., Any] | None = getattr(_SPEEDUPS, "flat_value", None)

@@ -187,6 +187,12 @@ def int_to_b128(value: int) -> bytes:
     """Encode a non-negative int as a base-128 little-endian prefix."""
     if value < 0:
         raise ValueError("a Banana prefix is never negative")
+    if value < 0x200000:  # up to three digits (request ids, mostly): no loop
+        if value < 0x80:
+            return bytes((value,))
+        if value < 0x4000:
+            return bytes((value & 0x7F, value >> 7))
+        return bytes((value & 0x7F, (value >> 7) & 0x7F, value >> 14))
     out = bytearray()
     while True:
         out.append(value & 0x7F)
@@ -468,6 +474,7 @@ class PyDecoder:
         max_bytes = limits.max_expression_bytes
         max_decoded = limits.max_decoded_bytes
         list_cost, item_cost = LIST_COST, ITEM_COST  # locals: read for every list
+        digits = limits.prefix_limit
         vocabulary = _WORDS if self.dialect == b"pb" else None
         end = len(buf)
         stack = self._stack
@@ -492,6 +499,15 @@ class PyDecoder:
                     kind = buf[pos + 1]
                     num = first
                     pos += 2
+                elif pos + 2 < end and buf[pos + 2] & 0x80 and digits > 1:
+                    # Two and three digits without the general way below: request ids grow.
+                    kind = buf[pos + 2]
+                    num = first | buf[pos + 1] << 7
+                    pos += 3
+                elif pos + 3 < end and buf[pos + 3] & 0x80 and digits > 2:
+                    kind = buf[pos + 3]
+                    num = first | buf[pos + 1] << 7 | buf[pos + 2] << 14
+                    pos += 4
                 else:
                     match = self._header.match(buf, pos)
                     if match is None:

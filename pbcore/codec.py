@@ -306,12 +306,16 @@ class ValueEncoder:
         # The list's header and the head's atoms (a command, a vocabulary word; ids; a name).
         size = len(head) + values
         out = bytearray(_LIST_HEAD[size] if size < _TABLE_SIZE else int_to_b128(size) + b"\x80")
-        encode_into, words = self._banana.encode_into, self._words
+        encode_into, words, short = self._banana.encode_into, self._words, self._short
         for item in head:
-            if type(item) is int and 0 <= item < _TABLE_SIZE:
+            kind = type(item)
+            if kind is int and 0 <= item < _TABLE_SIZE:
                 out += _INT_HEAD[item]
-            elif type(item) is bytes and item in words:
+            elif kind is bytes and item in words:
                 out += words[item]
+            elif kind is bytes and len(item) < short:  # a name
+                out += _STR_HEAD[len(item)]
+                out += item
             else:
                 encode_into(item, out, 1)
         return out

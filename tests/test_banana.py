@@ -520,11 +520,21 @@ def test_prefix_limit() -> None:
         decoder.next_expression()
 
 
-def test_prefix_limit_is_configurable() -> None:
-    limits = Limits(prefix_limit=2)
-    assert decode(encode(16383), limits=limits) == [16383]
-    with pytest.raises(BananaError, match="prefix"):
-        decode(encode(16384), limits=limits)
+@pytest.mark.parametrize("digits", [1, 2, 3, 4])
+def test_prefix_limit_is_configurable(digits: int) -> None:
+    # The decoder reads prefixes of one to three digits without the general way: each length at
+    # and past each limit.
+    limits = Limits(prefix_limit=digits)
+    top = 128**digits - 1
+    assert decode(encode(top), limits=limits) == [top]
+    assert decode(encode(-top), limits=limits) == [-top]
+    if digits > 1:
+        assert decode(encode([b"x" * 200, top]), limits=limits) == [[b"x" * 200, top]]
+    else:  # a string of 200 bytes needs two digits
+        with pytest.raises(BananaError, match="prefix longer than the limit"):
+            decode(encode([b"x" * 200]), limits=limits)
+    with pytest.raises(BananaError, match="prefix longer than the limit"):
+        decode(encode(top + 1), limits=limits)
 
 
 def test_string_size_limit_refused_before_the_data() -> None:

@@ -47,6 +47,7 @@ from .jelly import Handler, Jellier, SecurityOptions, globalSecurity, unjelly
 __all__ = ["ValueEncoder", "dumps", "loads"]
 
 _pack_double = struct.Struct(">d").pack
+_INT: Final = b"\x81"
 _UNICODE: Final = b"\x07\x82unicode"
 _UNICODE_HEAD: Final = [b"\x02\x80" + _UNICODE + head for head in _STR_HEAD]
 
@@ -252,6 +253,7 @@ class ValueEncoder:
         self._size_limit = limits.size_limit
         self._short = min(_TABLE_SIZE, self._size_limit + 1)  # lengths below this need no size check
         self._flat_size = min(_TABLE_SIZE - 1, self._size_limit)  # flat containers below this many items
+        self._id_limit = min(2**31, 128**limits.prefix_limit)  # ints below this: an INT header, in the limit
         # The fused tables spell some atoms as vocabulary; outside pb fall
         # back to the two-step path, which is rarely used and still correct.
         self._fused = dialect == b"pb"
@@ -306,11 +308,14 @@ class ValueEncoder:
         # The list's header and the head's atoms (a command, a vocabulary word; ids; a name).
         size = len(head) + values
         out = bytearray(_LIST_HEAD[size] if size < _TABLE_SIZE else int_to_b128(size) + b"\x80")
-        encode_into, words, short = self._banana.encode_into, self._words, self._short
+        encode_into, words, short, id_limit = self._banana.encode_into, self._words, self._short, self._id_limit
         for item in head:
             kind = type(item)
             if kind is int and 0 <= item < _TABLE_SIZE:
                 out += _INT_HEAD[item]
+            elif kind is int and 0 <= item < id_limit:  # a request id
+                out += int_to_b128(item)
+                out += _INT
             elif kind is bytes and item in words:
                 out += words[item]
             elif kind is bytes and len(item) < short:  # a name

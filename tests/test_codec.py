@@ -325,6 +325,20 @@ def test_a_plain_message_takes_the_plain_path_and_anything_else_does_not() -> No
     assert codec.ValueEncoder(b"none").encode_plain_list(head, plain) is None  # only pb abbreviates
 
 
+@pytest.mark.parametrize("prefix_limit", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("request_id", [127, 128, 4095, 4096, 16383, 16384, 2**21, 2**31 - 1, 2**31, 2**40])
+def test_a_message_head_is_the_two_step_bytes_at_every_prefix_limit(prefix_limit: int, request_id: int) -> None:
+    limits = banana.Limits(prefix_limit=prefix_limit)
+    head: list[banana.Sexp] = [b"answer", request_id]
+    layered = _outcome(lambda v: banana.Encoder(limits=limits).encode([*head, jelly.jelly(v)]), 1)
+    for encode in (codec.ValueEncoder(limits=limits).encode_list, codec.ValueEncoder(b"none", limits).encode_list):
+        got = _outcome(lambda v, encode=encode: encode(head, [v]), 1)
+        if encode.__self__.dialect == b"pb":  # type: ignore[attr-defined]
+            assert got == layered
+        else:
+            assert got[0] == layered[0]
+
+
 # Size limits from 9: the fused encoder writes the fixed forms (None, booleans, the names of the
 # containers: b"frozenset" is 9 bytes) as constants, and never checks a message's own list, so a size
 # limit below them would differ.

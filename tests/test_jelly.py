@@ -1257,7 +1257,6 @@ def test_flat_value_leaves_what_it_cannot_vouch_for() -> None:
     assert flat("text", pbcore.jelly.globalSecurity) is not_flat  # type: ignore[arg-type]  # not an s-expression
 
 
-
 def test_a_plain_reader_sees_the_allowed_types_as_they_are_now() -> None:
     # A broker makes its reader once; the security options' table may change afterwards.
     options = SecurityOptions()
@@ -1268,6 +1267,7 @@ def test_a_plain_reader_sees_the_allowed_types_as_they_are_now() -> None:
     del options.allowedTypes[b"tuple"]
     assert read([b"tuple", 1]) is pbcore.jelly.NOT_FLAT
     assert read(7) == 7 and read("text") is pbcore.jelly.NOT_FLAT  # type: ignore[arg-type]
+
 
 class _BadHash:
     """A copy class whose __hash__ fails as application code may: not with TypeError."""

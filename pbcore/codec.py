@@ -310,19 +310,23 @@ class ValueEncoder:
         out = bytearray(_LIST_HEAD[size] if size < _TABLE_SIZE else int_to_b128(size) + b"\x80")
         encode_into, words, short, id_limit = self._banana.encode_into, self._words, self._short, self._id_limit
         for item in head:
-            kind = type(item)
-            if kind is int and 0 <= item < _TABLE_SIZE:
-                out += _INT_HEAD[item]
-            elif kind is int and 0 <= item < id_limit:  # a request id
-                out += int_to_b128(item)
-                out += _INT
-            elif kind is bytes and item in words:
-                out += words[item]
-            elif kind is bytes and len(item) < short:  # a name
-                out += _STR_HEAD[len(item)]
-                out += item
-            else:
-                encode_into(item, out, 1)
+            if type(item) is int:
+                if 0 <= item < _TABLE_SIZE:
+                    out += _INT_HEAD[item]
+                    continue
+                if 0 <= item < id_limit:  # a request id
+                    out += int_to_b128(item)
+                    out += _INT
+                    continue
+            elif type(item) is bytes:
+                if item in words:
+                    out += words[item]
+                    continue
+                if len(item) < short:  # a name
+                    out += _STR_HEAD[len(item)]
+                    out += item
+                    continue
+            encode_into(item, out, 1)
         return out
 
     def _encode(self, value: Any, invoker: Any, depth: int) -> bytes:

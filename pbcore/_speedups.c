@@ -1566,8 +1566,61 @@ put_const(Out *out, const char *data, Py_ssize_t size)
 }
 
 /* 1: written; 0: not plain (out may hold a partial write: the caller drops it); -1: an error. */
+/* The containers a plain value has met so far (one met twice is a reference: not plain).
+   A message has a few: they are kept in a small array, and in a set past it. */
+#define SEEN_SMALL 16
+typedef struct {
+    Py_ssize_t n;
+    PyObject *more; /* a set of ids, made once the array is full */
+    void *small[SEEN_SMALL];
+} Seen;
+
+static void
+seen_init(Seen *seen)
+{
+    seen->n = 0;
+    seen->more = NULL;
+}
+
+static void
+seen_free(Seen *seen)
+{
+    Py_CLEAR(seen->more);
+}
+
+/* 1 if *item* was met already, else 0 (and it is noted); -1 on error. */
 static int
-write_plain(Encoder *self, PyObject *item, Out *out, long long depth, int levels, PyObject *seen)
+seen_add(Seen *seen, PyObject *item)
+{
+    for (Py_ssize_t i = 0; i < seen->n; i++) {
+        if (seen->small[i] == (void *)item) {
+            return 1;
+        }
+    }
+    if (seen->more == NULL && seen->n < SEEN_SMALL) {
+        seen->small[seen->n++] = (void *)item;
+        return 0;
+    }
+    if (seen->more == NULL) {
+        seen->more = PySet_New(NULL);
+        if (seen->more == NULL) {
+            return -1;
+        }
+    }
+    PyObject *id = PyLong_FromVoidPtr(item);
+    if (id == NULL) {
+        return -1;
+    }
+    int known = PySet_Contains(seen->more, id);
+    if (known == 0) {
+        known = PySet_Add(seen->more, id) < 0 ? -1 : 0;
+    }
+    Py_DECREF(id);
+    return known;
+}
+
+static int
+write_plain(Encoder *self, PyObject *item, Out *out, long long depth, int levels, Seen *seen)
 {
     if (PyLong_CheckExact(item)) {
         return encode_int(self, item, out) < 0 ? -1 : 1;
@@ -1649,15 +1702,7 @@ write_plain(Encoder *self, PyObject *item, Out *out, long long depth, int levels
         return 0;
     }
     /* Met again, a container would be a reference: the general way. */
-    PyObject *id = PyLong_FromVoidPtr(item);
-    if (id == NULL) {
-        return -1;
-    }
-    int known = PySet_Contains(seen, id);
-    if (known == 0) {
-        known = PySet_Add(seen, id) < 0 ? -1 : 0;
-    }
-    Py_DECREF(id);
+    int known = seen_add(seen, item);
     if (known) {
         return known < 0 ? -1 : 0;
     }
@@ -1735,10 +1780,8 @@ encoder_encode_message(Encoder *self, PyObject *args)
     if (self->vocab == NULL) {
         Py_RETURN_NONE; /* jelly's fixed forms above are the pb dialect's */
     }
-    PyObject *seen = PySet_New(NULL);
-    if (seen == NULL) {
-        return NULL;
-    }
+    Seen seen;
+    seen_init(&seen);
     Out out;
     out_init(&out);
     PyObject *result = NULL;
@@ -1753,7 +1796,7 @@ encoder_encode_message(Encoder *self, PyObject *args)
     for (Py_ssize_t i = 0; status == 1 && i < PyList_GET_SIZE(values); i++) {
         PyObject *item = PyList_GET_ITEM(values, i);
         Py_INCREF(item);
-        status = write_plain(self, item, &out, 1, PLAIN_LEVELS, seen);
+        status = write_plain(self, item, &out, 1, PLAIN_LEVELS, &seen);
         Py_DECREF(item);
     }
     if (status == 1) {
@@ -1763,7 +1806,7 @@ encoder_encode_message(Encoder *self, PyObject *args)
         result = Py_NewRef(Py_None);
     }
     out_free(&out);
-    Py_DECREF(seen);
+    seen_free(&seen);
     return result;
 }
 
@@ -1781,14 +1824,12 @@ encoder_encode_plain(Encoder *self, PyObject *args)
     if (self->vocab == NULL) {
         Py_RETURN_NONE; /* jelly's fixed forms above are the pb dialect's */
     }
-    PyObject *seen = PySet_New(NULL);
-    if (seen == NULL) {
-        return NULL;
-    }
+    Seen seen;
+    seen_init(&seen);
     Out out;
     out_init(&out);
     PyObject *result = NULL;
-    int status = write_plain(self, value, &out, (long long)depth, PLAIN_LEVELS, seen);
+    int status = write_plain(self, value, &out, (long long)depth, PLAIN_LEVELS, &seen);
     if (status == 1) {
         result = PyBytes_FromStringAndSize(out.data, out.len);
     }
@@ -1796,7 +1837,7 @@ encoder_encode_plain(Encoder *self, PyObject *args)
         result = Py_NewRef(Py_None);
     }
     out_free(&out);
-    Py_DECREF(seen);
+    seen_free(&seen);
     return result;
 }
 

@@ -655,3 +655,20 @@ def test_encode_plain_is_the_pure_write_flat(value: Any, depth: int, size: int, 
         if compiled == ("bytes", None):
             continue  # the compiled code leaves it (and any refusal) to the Python code
         assert compiled == pure
+
+
+@pytest.mark.parametrize("count", [1, 15, 16, 17, 40])
+def test_the_compiled_plain_path_finds_a_container_met_twice_however_many_came_before(count: int) -> None:
+    # The compiled encoder keeps the first containers it meets in a small array, the rest in a set.
+    encoder = CEncoder(b"pb", Limits())
+    pure = _codec.ValueEncoder()
+    pure._compiled_message = pure._compiled_plain = None
+    items: list[Any] = [[i] for i in range(count)]
+    head = [b"answer", 1]
+    assert encoder.encode_message(head, [items]) == pure.encode_plain_list(head, [items])
+    assert encoder.encode_plain(items, 0) == pure.encode(items)
+    for again in sorted({0, count // 2, count - 1}):
+        shared = [*items, items[again]]  # a reference: left to the general way
+        assert encoder.encode_message(head, [shared]) is None
+        assert encoder.encode_plain(shared, 0) is None
+        assert pure.encode_plain_list(head, [shared]) is None

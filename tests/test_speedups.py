@@ -664,7 +664,7 @@ def test_the_compiled_plain_path_finds_a_container_met_twice_however_many_came_b
     pure = _codec.ValueEncoder()
     pure._compiled_message = pure._compiled_plain = None
     items: list[Any] = [[i] for i in range(count)]
-    head = [b"answer", 1]
+    head: list[banana.Sexp] = [b"answer", 1]
     assert encoder.encode_message(head, [items]) == pure.encode_plain_list(head, [items])
     assert encoder.encode_plain(items, 0) == pure.encode(items)
     for again in sorted({0, count // 2, count - 1}):

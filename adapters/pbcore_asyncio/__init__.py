@@ -103,12 +103,14 @@ class PendingFuture(asyncio.Future[Any]):
 
     # A hook on cancel() rather than a done-callback: a callback would be scheduled on
     # the loop for every call answered, only to find it was not cancelled.
-    _broker: Broker | None = None
+    # (A slot, set by the connection that makes it: no instance dict, no __init__ in Python.)
+    __slots__ = ("_broker",)
+    _broker: Broker | None
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        broker = self._broker
+        broker = getattr(self, "_broker", None)
         if broker is not None:
             self._broker = None
             broker.cancel(self)

@@ -372,6 +372,8 @@ def worker_command(side: str, args: argparse.Namespace, settings: dict[str, int]
         command += [f"--{key.replace('_', '-')}", str(settings[key])]
     if args.twisted_nodelay:
         command.append("--twisted-nodelay")
+    if args.cpu is not None:
+        command += ["--cpu", str(args.cpu)]
     return command
 
 
@@ -457,6 +459,14 @@ def main(argv: list[str] | None = None) -> int:
         " read buffer is not mapped and unmapped on every read in some processes and not in others"
         " (no effect on --profile)",
     )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        metavar="N",
+        help="run every side on CPU N alone (sched_setaffinity): the kernel's loopback work is then charged to"
+        " the side's process; unpinned, some of it runs on another CPU, uncounted, more in some processes than"
+        " in others (Linux only)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the raw times")
     parser.add_argument("--quick", action="store_true", help="a few calls, one round: a smoke test")
     parser.add_argument("--profile", metavar="SIDE", choices=SIDES, help="cProfile one side in this process")
@@ -469,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = selected(make_scenarios(settings), args.only)
 
     if args.worker:
+        if args.cpu is not None:
+            os.sched_setaffinity(0, {args.cpu})
         times = run_side(args.worker, scenarios, settings["repeat"], args.twisted_nodelay)
         print(json.dumps(times))
         return 0
@@ -486,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         f"PB echo calls over 127.0.0.1 TCP, client and server in one process per side; best of "
         f"{settings['rounds']} rounds x {settings['repeat']} repeats ({args.clock})"
         + ("; glibc malloc thresholds raised (--steady-malloc)" if args.steady_malloc else "")
+        + (f"; every side on CPU {args.cpu} (--cpu)" if args.cpu is not None else "")
     )
     print(
         f"sequential int: {settings['calls']} calls; pipelined int: {settings['pipelined']} calls, "
@@ -549,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                 "clock": args.clock,
                 "twisted_nodelay": args.twisted_nodelay,
                 "steady_malloc": args.steady_malloc,
+                "cpu": args.cpu,
             },
             "results": results,
         }

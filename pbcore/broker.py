@@ -27,7 +27,6 @@ that call: the messages were well formed, so the connection lives on.
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 from collections.abc import Callable, Generator
@@ -66,7 +65,7 @@ from .flavors import (
     RemoteReference,
 )
 from .isolation import run_isolated
-from .jelly import NOT_FLAT, SecurityOptions, Unjellier, globalSecurity, plain_reader
+from .jelly import NOT_FLAT, Handler, SecurityOptions, Unjellier, globalSecurity, plain_reader
 from .preview import preview
 from .timers import DEFAULT_TIMEOUTS, Timeouts
 
@@ -188,6 +187,60 @@ class Broker:
 
     version = PROTOCOL_VERSION
 
+    # A connection's state is about 45 attributes, more than an instance's
+    # shared-key dict holds: as slots an idle broker costs 1.2 KiB less. An
+    # application may still set its own attributes (``__dict__`` is made then).
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_cached_luids",
+        "_connects",
+        "_deadline_names",
+        "_decoder",
+        "_disconnects",
+        "_encoders",
+        "_events",
+        "_handlers",
+        "_journal",
+        "_last_watch",
+        "_luids",
+        "_new_deadlines",
+        "_next_luid",
+        "_next_request",
+        "_on_release",
+        "_out",
+        "_plain",
+        "_probes",
+        "_read_plain",
+        "_ref_violations",
+        "_releases",
+        "_root",
+        "_settled_events",
+        "_waiting",
+        "_watches",
+        "budget",
+        "bytes_received",
+        "close_reason",
+        "closed",
+        "dialect",
+        "first_bytes",
+        "is_client",
+        "limits",
+        "localObjects",
+        "locallyCachedObjects",
+        "on_output",
+        "peer",
+        "pending_factory",
+        "ready",
+        "remotelyCachedObjects",
+        "security",
+        "serializingPerspective",
+        "timeouts",
+        "unsafe_tracebacks",
+        "unserializingPerspective",
+        "wake_up",
+    )
+
     def __init__(
         self,
         is_client: bool,
@@ -217,7 +270,7 @@ class Broker:
         self.first_bytes = b""
         self._new_deadlines: list[tuple[int, float]] = []  # (request id, seconds), not armed yet
         self._deadline_names: dict[int, str] = {}  # request id -> method, for calls with a deadline
-        self._probes: set[int] = set()  # request ids of keepalive probes not answered yet
+        self._probes: dict[int, None] = {}  # keepalive probes not answered (a dict: smaller than a set)
         self._watches: dict[int, tuple[Pending, BaseException]] = {}  # see watch()
         self._last_watch = 0
         self.security = security
@@ -231,8 +284,7 @@ class Broker:
         self.closed = False
         self.close_reason: BaseException | None = None
         self._decoder = Decoder(b"none", limits)
-        self._encoders, self._plain = _encoders(limits, security)
-        self._read_plain = plain_reader(security, limits)  # arguments and answers: most are plain
+        self._encoders, self._plain, self._read_plain = _encoders(limits, security)
         self._out = bytearray()
         self._events: list[Event] = []
         self._root = root.rootObject(self) if root is not None and hasattr(root, "rootObject") else root
@@ -250,20 +302,18 @@ class Broker:
         #: luid -> the broker's own instance of each RemoteCache we hold.
         self.locallyCachedObjects: dict[int, RemoteCache] = {}
         # (command, luid) for collected references and caches; appended from
-        # finalizers, possibly in other threads (deque.append is atomic).
-        self._releases: collections.deque[tuple[bytes, Any]] = collections.deque()
+        # finalizers, possibly in other threads (list.append is atomic; see
+        # _drain_releases). A list, not a deque: an empty deque is 600 bytes.
+        self._releases: list[tuple[bytes, Any]] = []
         self._disconnects: list[Callable[[], object]] = []
         self._connects: list[Callable[[], object]] | None = []
         self._ref_violations = 0
         self._on_release: dict[Any, Callable[[], object]] = {}  # processUniqueID -> callback
-        self._unjelly_handlers = {
-            b"remote": self._unjelly_remote,
-            b"local": self._unjelly_local,
-            b"cached": self._unjelly_cached,
-            b"lcache": self._unjelly_lcache,
-        }
+        self._handlers: dict[bytes, Handler] | None = None  # see _unjellier
         #: The perspective being serialized for (read by Viewable/Copyable).
         self.serializingPerspective: Any = None
+        #: The perspective being unserialized for (read by the references made).
+        self.unserializingPerspective: Any = None
         # While a message is being encoded: every count taken, to undo on failure.
         self._journal: list[tuple[dict[Any, Local], dict[Any, int], Any]] | None = None
 
@@ -319,10 +369,16 @@ class Broker:
         return data
 
     def _drain_releases(self) -> None:
-        while self._releases:
-            command, luid = self._releases.popleft()
+        releases = self._releases
+        while releases:
+            # Finalizers may append meanwhile: a copy and a del of its length
+            # are each atomic, so what they add stays, in order, for the next turn.
+            batch = releases[:]
+            del releases[: len(batch)]
             if not self.closed:
-                self._out += self._plain[self.dialect or b"none"].encode([command, luid])
+                encoder = self._plain[self.dialect or b"none"]
+                for command, luid in batch:
+                    self._out += encoder.encode([command, luid])
 
     @property
     def calls_in_flight(self) -> int:
@@ -540,8 +596,6 @@ class Broker:
         # reference it was given decrefs it before the answer that sends it back.
         return None if local is None else local.object
 
-    unserializingPerspective: Any = None
-
     # -- sending ------------------------------------------------------------------------
 
     def send_call(
@@ -630,7 +684,7 @@ class Broker:
         request_id = self._next_request
         self._send_values([b"message", request_id, 0, b"pbcore_keepalive", 1], [(), {}], None)
         self._waiting[request_id] = PendingCall()  # no one awaits it: not the adapter's kind
-        self._probes.add(request_id)
+        self._probes[request_id] = None
 
     def send_answer(self, request_id: int, result: Any, perspective: Any = None) -> BaseException | None:
         """Answer the peer's call *request_id* with *result*.
@@ -878,7 +932,7 @@ class Broker:
                 return None  # cancelled locally: the late answer is dropped
             raise MessageError(f"answer to request {request_id}, which was never sent")
         self._deadline_names.pop(request_id, None)
-        self._probes.discard(request_id)
+        self._probes.pop(request_id, None)
         return self._waiting.pop(request_id)
 
     def _decref(self, expression: list[Any]) -> None:
@@ -933,7 +987,15 @@ class Broker:
 
     def _unjellier(self, perspective: Any) -> Unjellier:
         self.unserializingPerspective = perspective
-        return Unjellier(self.security, self, self._unjelly_handlers, self.limits)
+        handlers = self._handlers
+        if handlers is None:  # made once, when a value first needs more than the plain reader
+            handlers = self._handlers = {
+                b"remote": self._unjelly_remote,
+                b"local": self._unjelly_local,
+                b"cached": self._unjelly_cached,
+                b"lcache": self._unjelly_lcache,
+            }
+        return Unjellier(self.security, self, handlers, self.limits)
 
 
 Broker._COMMANDS = {
@@ -949,12 +1011,13 @@ Broker._COMMANDS = {
 }
 
 
-_Encoders = tuple[dict[bytes, ValueEncoder], dict[bytes, Encoder]]
+_Encoders = tuple[dict[bytes, ValueEncoder], dict[bytes, Encoder], Callable[[Any], Any]]
 
 
 def _encoders(limits: Limits, security: SecurityOptions) -> _Encoders:
-    # Encoders hold no state between messages: brokers with the same limits and
-    # security share them (an idle connection costs a few KiB, not 20).
+    # Encoders, and the plain reader, hold no state between messages: brokers
+    # with the same limits and security share them (an idle connection costs a
+    # few KiB, not 20).
     try:
         return _shared_encoders(limits, security)
     except TypeError:  # security options that cannot be hashed: this broker's own
@@ -965,6 +1028,7 @@ def _new_encoders(limits: Limits, security: SecurityOptions) -> _Encoders:
     return (
         {dialect: ValueEncoder(dialect, limits, security) for dialect in DIALECTS},
         {dialect: Encoder(dialect, limits) for dialect in DIALECTS},
+        plain_reader(security, limits),
     )
 
 

@@ -217,7 +217,9 @@ class Dispatcher:
         self._refusing = False  # a TooManyCalls warning was logged; quiet until a call is accepted again
         #: The async calls running now.
         self.running: set[CallTask] = set()
-        self._queue: collections.deque[CallReceived] = collections.deque()
+        # Calls received and not started; None while there are none (an idle
+        # connection's empty deque would be 600 bytes).
+        self._queue: collections.deque[CallReceived] | None = None
         self._starting: CallTask | None = None  # spawned, and not yet at its first wait
         self._dispatching = False
         broker.notifyOnDisconnect(self._cancel_all)
@@ -225,7 +227,7 @@ class Dispatcher:
     @property
     def queued(self) -> int:
         """Calls received and not started yet (waiting for the output to drain, or for an earlier call's first wait)."""
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     @property
     def wants_input(self) -> bool:
@@ -242,7 +244,7 @@ class Dispatcher:
         # Calls the peer sent wait: reading on would only queue more (each costing its message)
         # behind them. With none waiting, reading goes on however full the output is, so that
         # the answers to our own calls still come in.
-        queued = len(self._queue)
+        queued = self.queued
         if not queued or self.broker.closed:
             return False
         return queued >= self.broker.limits.max_queued_calls or self.output_full
@@ -264,16 +266,19 @@ class Dispatcher:
         queue = self._queue
         for event in events:
             if isinstance(event, CallReceived):
+                if queue is None:
+                    queue = self._queue = collections.deque()
                 queue.append(event)
         self._start_queued()
 
     def _start_queued(self) -> None:
         if self._dispatching:
             return  # re-entered from a call spawned (and run up to its first wait) by the loop below
+        queue = self._queue
         self._dispatching = True
         try:
-            while self._queue and self._starting is None and not self.broker.closed and not self.output_full:
-                event = self._queue.popleft()
+            while queue and self._starting is None and not self.broker.closed and not self.output_full:
+                event = queue.popleft()
                 task = self._start(event)
                 if task is None:
                     continue
@@ -291,6 +296,8 @@ class Dispatcher:
                 task._set_canceller(canceller)
         finally:
             self._dispatching = False
+            if queue is not None and not queue and self._queue is queue:
+                self._queue = None
         if self._reader_waits and not self._holding():
             self._reader_waits = False
             if self._on_input_wanted is not None:
@@ -368,7 +375,9 @@ class Dispatcher:
         self.running.discard(task)
 
     def _cancel_all(self) -> None:
-        self._queue.clear()
+        if self._queue is not None:
+            self._queue.clear()  # the loop in _start_queued may be holding it
+            self._queue = None
         self._starting = None
         running, self.running = self.running, set()
         for task in running:

@@ -1603,7 +1603,7 @@ def test_releases_queued_from_threads_while_the_output_is_taken_are_all_sent_in_
     finally:
         sys.setswitchinterval(old_interval)
     sent.append(broker.data_to_send())
-    luids = [luid for command, luid in decode(b"".join(sent), broker.dialect or b"none")]
+    luids: list[int] = [message[1] for message in decode(b"".join(sent), broker.dialect or b"none")]  # type: ignore[index,misc]
     assert sorted(luids) == list(range(threads * per_thread))  # none lost, none sent twice
     for n in range(threads):
         mine = [luid for luid in luids if luid // per_thread == n]
@@ -1625,7 +1625,7 @@ def test_an_idle_connection_holds_no_empty_queues() -> None:
             client.receive_data(server.data_to_send())
             server.receive_data(client.data_to_send())
         for request_id in (1, 2):
-            call = [b"message", request_id, b"root", b"named", 1, [b"tuple", b"y"], [b"dictionary"]]
+            call: list[Any] = [b"message", request_id, b"root", b"named", 1, [b"tuple", b"y"], [b"dictionary"]]
             server.receive_data(encode(call, b"pb"))
             dispatcher.dispatch(server.events())
         assert decode(server.data_to_send(), b"pb") == [[b"answer", 1, b"y"], [b"answer", 2, b"y"]]

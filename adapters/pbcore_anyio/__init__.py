@@ -193,7 +193,11 @@ class Connection:
         self._wake_at = math.inf  # when the timer task polls next: never later than _deadline
         self._timer_scope: anyio.CancelScope | None = None  # the timer task's sleep, its deadline _wake_at
         self.broker = make_broker(
-            pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._on_output, peer=self.peer
+            pending_factory=self._new_pending,
+            wake_up=self._wake_up,
+            on_output=self._on_output,
+            peer=self.peer,
+            settled_events=False,  # only the dispatcher reads events: it wants calls
         )
         #: The broker's timers (handshake, keepalive, dead peer, call deadlines), polled by this connection.
         self.timers = ConnectionTimers(self.broker)

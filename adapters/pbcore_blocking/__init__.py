@@ -189,7 +189,12 @@ class BlockingConnection:
         self._busy = False  # the reader is serving what it read
         self._factory = factory
         self._reader = threading.Thread(target=self._read_loop, name="pbcore-blocking-reader", daemon=True)
-        options: dict[str, Any] = {"pending_factory": self._new_pending, "wake_up": self._wake_up, "peer": self.peer}
+        options: dict[str, Any] = {
+            "pending_factory": self._new_pending,
+            "wake_up": self._wake_up,
+            "peer": self.peer,
+            "settled_events": False,  # only the dispatcher reads events: it wants calls
+        }
         if isinstance(factory, PBClientFactory):
             options["close"] = self.close
         self.broker: Broker = factory.make_broker(**options)

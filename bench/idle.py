@@ -87,7 +87,7 @@ def serve(side: str) -> None:
         server = await pbcore_asyncio.serve(pbcore.PBServerFactory(Root()), "127.0.0.1", 0, backlog=1024)
         print(server.port, flush=True)
         await asyncio.get_running_loop().run_in_executor(None, answer_requests)
-        server.close()
+        await server.aclose()
 
     if side == "uvloop":
         importlib.import_module("uvloop").run(main())

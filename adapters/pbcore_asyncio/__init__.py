@@ -661,9 +661,11 @@ class Server:
             if self._listeners:
                 # Every connection is closed: asyncio's (3.12+) and uvloop's
                 # servers wait for that; a TLS handshake under way may linger.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    waits = [listener.wait_closed() for listener in self._listeners]
-                    await asyncio.wait_for(asyncio.gather(*waits), CLOSE_TIMEOUT)
+                # asyncio.wait, not wait_for(gather()): cancelled (a loop ended
+                # without waiting for the close), wait_for leaves the gather's
+                # CancelledError unretrieved, and asyncio logs it.
+                waits = [asyncio.ensure_future(listener.wait_closed()) for listener in self._listeners]
+                await asyncio.wait(waits, timeout=CLOSE_TIMEOUT)
         finally:
             if not self._closed.done():
                 self._closed.set_result(None)

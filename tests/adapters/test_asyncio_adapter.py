@@ -858,3 +858,20 @@ def test_idle_connections_cost_a_few_kib_each() -> None:
     # Both ends are in this process: a client and a server connection, about 13 KiB together
     # as measured (each end held 64 KiB more before).
     assert per_pair < 40, f"{per_pair:.1f} KiB a connection pair"
+
+
+def test_a_server_closed_without_waiting_as_its_loop_ends_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    # asyncio.run cancels the close under way; nothing of it may be left for
+    # asyncio to report ("exception was never retrieved").
+    caplog.set_level(logging.DEBUG, logger="asyncio")
+
+    async def body() -> None:
+        server = await pbcore_asyncio.serve(PBServerFactory(ServerRoot()), "127.0.0.1", 0)
+        factory = PBClientFactory()
+        await pbcore_asyncio.connect(factory, "127.0.0.1", server.port)
+        await factory.getRootObject()
+        server.close()
+
+    run(body)
+    gc.collect()  # an unretrieved exception is reported when its future is collected
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []

@@ -248,8 +248,14 @@ class Connection:
         self.closed = trio.Event()
         #: Why it closed: None for EOF or a local close, else the error.
         self.close_reason: BaseException | None = None
+        # settled_events=False: this adapter reads only CallReceived (a call's result settles its
+        # PendingResult directly), so the broker queues no AnswerReceived/ErrorReceived per answer.
         self.broker = make_broker(
-            pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued, peer=peer
+            pending_factory=self._new_pending,
+            wake_up=self._wake_up,
+            on_output=self._output_queued,
+            peer=peer,
+            settled_events=False,
         )
         #: The broker's timers (handshake, keepalive, dead peer, call deadlines), polled on trio's clock.
         self.timers = ConnectionTimers(self.broker)

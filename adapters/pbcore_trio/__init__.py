@@ -207,7 +207,54 @@ class Connection:
     broker closing itself; then the calls still waiting fail with
     PBConnectionLost, the calls still running are cancelled and the stream is
     closed. ``peer`` (also ``broker.peer``) is the peer's address.
+
+    An idle connection is one task: the one reading (on a TLS stream, a timer
+    task as well). The writer task runs only while output waits for the
+    socket, and the calls' tasks while they run. A served connection's tasks
+    run in the server's nursery.
     """
+
+    __slots__ = (
+        "__weakref__",
+        "_call_started",
+        "_calls_done",
+        "_closed",
+        "_draining",
+        "_ended",
+        "_flush_follows",
+        "_flush_scheduled",
+        "_held",
+        "_high_water",
+        "_input_wanted",
+        "_now",
+        "_nursery",
+        "_outgoing",
+        "_polling",
+        "_progress",
+        "_raw",
+        "_read_full",
+        "_reading",
+        "_scope",
+        "_sending",
+        "_sent_at_once",
+        "_shared",
+        "_sleep",
+        "_stopping",
+        "_tasks",
+        "_tasks_ended",
+        "_thread",
+        "_token",
+        "_unpolled",
+        "_unstarted",
+        "_wake_at",
+        "_writer",
+        "broker",
+        "close_reason",
+        "dispatcher",
+        "peer",
+        "stream",
+        "timers",
+    )
 
     def __init__(self, stream: trio.abc.Stream, make_broker: Callable[..., Broker], peer: Any = None) -> None:
         self.stream = stream
@@ -215,15 +262,21 @@ class Connection:
         self.peer = peer
         self._token = trio.lowlevel.current_trio_token()
         self._outgoing = bytearray()
-        self._wanted = trio.Event()  # set: the writer has bytes to write
-        self._progress = trio.Event()  # set (and replaced) by the writer after each chunk; set when stopping
-        self._calls_done = trio.Event()  # set (and replaced) when the last served call running ends
-        self._call_started = trio.Event()  # set (and replaced) when a spawned call takes its first step
-        self._input_wanted = trio.Event()  # set when the dispatcher, having held too many calls, wants more
+        # The events below are made only when a task is about to wait for them (none in the idle state).
+        self._progress: trio.Event | None = None  # set (and dropped) after each chunk written; set when stopping
+        self._calls_done: trio.Event | None = None  # set (and dropped) when the last served call running ends
+        self._call_started: trio.Event | None = None  # set (and dropped) when a spawned call takes its first step
+        self._input_wanted: trio.Event | None = None  # set when the dispatcher, having held too many calls, wants more
+        self._tasks_ended: trio.Event | None = None  # set when the last task of this connection's ends
+        self._closed: trio.Event | None = None  # the ``closed`` event, once asked for
+        self._ended = False  # closed
         self._unstarted = 0  # calls spawned that have not taken their first step
-        self._nursery: trio.Nursery | None = None  # where the calls run
-        self._scope = trio.CancelScope()  # everything: closing at once
-        self._reading = trio.CancelScope()  # the reader alone: the broker closed itself
+        self._tasks = 0  # this connection's tasks running, besides the reader: the writer, calls, a timer
+        self._nursery: trio.Nursery | None = None  # where those run: the server's, or the connection's own
+        self._shared = False  # that nursery is the server's: nothing a task raises may reach it
+        self._writer: trio.CancelScope | None = None  # the writer task's, while there is one
+        self._scope = trio.CancelScope()  # the reader: closing at once
+        self._reading = trio.CancelScope()  # the reader's reading alone: the broker closed itself
         self._stopping = False
         self._draining = False
         self._flush_scheduled = False
@@ -238,14 +291,11 @@ class Connection:
         self._sent_at_once = False
         self._polling = False
         self._read_full = False  # the last read filled a chunk: read again without waiting
-        self._backlog_waiters = 0  # tasks in _wait_backlog (a write at once sets _progress for them)
         self._thread = threading.get_ident()
         # While the reader handles what one chunk brought, settled results wait
         # here: their tasks wake up once the calls that came before the answer
         # (a cache's observe_ update, say) have started, as in Twisted.
         self._held: list[PendingResult] | None = None
-        #: Set once the connection is closed.
-        self.closed = trio.Event()
         #: Why it closed: None for EOF or a local close, else the error.
         self.close_reason: BaseException | None = None
         # settled_events=False: this adapter reads only CallReceived (a call's result settles its
@@ -259,8 +309,9 @@ class Connection:
         )
         #: The broker's timers (handshake, keepalive, dead peer, call deadlines), polled on trio's clock.
         self.timers = ConnectionTimers(self.broker)
-        # The connection's one wake-up: the timer task sleeps in this scope until its deadline.
-        self._sleep = trio.CancelScope()
+        # The connection's one wake-up: the scope the reader waits for input in (on a TLS stream,
+        # the timer task sleeps in), whose deadline is the timers' next one.
+        self._sleep: trio.CancelScope | None = None
         self._wake_at = math.inf  # that deadline
         self._now = trio.lowlevel.current_clock().current_time  # what trio.current_time() reads
         keepalive, sock = self.broker.timeouts.tcp_keepalive, _socket_of(stream)
@@ -274,6 +325,16 @@ class Connection:
         )
 
     @property
+    def closed(self) -> trio.Event:
+        """Set once the connection is closed."""
+        event = self._closed
+        if event is None:
+            event = self._closed = trio.Event()
+            if self._ended:
+                event.set()
+        return event
+
+    @property
     def backlog(self) -> int:
         """Bytes queued for the peer and not written yet."""
         return len(self._outgoing)
@@ -282,7 +343,8 @@ class Connection:
         return len(self._outgoing)  # the dispatcher's backlog (a bound method is cheaper than the property)
 
     def _want_input(self) -> None:
-        self._input_wanted.set()
+        if self._input_wanted is not None:
+            self._input_wanted.set()
 
     def close(self) -> None:
         """Close now (unwritten bytes are dropped; pending calls fail with PBConnectionLost)."""
@@ -304,33 +366,49 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the connection until it closes (see the class docstring)."""
+        async with trio.open_nursery() as nursery:
+            await self._serve(nursery)
+
+    async def _serve(self, nursery: trio.Nursery, *, shared: bool = False) -> None:
+        # The reader is this task; the others start in *nursery* (shared: the server's, which
+        # nothing they raise may reach: see _guarded).
+        self._nursery, self._shared = nursery, shared
         try:
             with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    self.broker.connection_made()
-                    self._flush()
-                    self._poll()
-                    nursery.start_soon(self._writer)
-                    nursery.start_soon(self._timer)
-                    with self._reading:
-                        await self._reader()
-                    # The broker closed itself: what it queued before goes out, then the socket closes.
-                    with trio.move_on_after(CLOSE_TIMEOUT):
-                        await self._wait_backlog(0)
-                    self._stop(self.close_reason)
+                self.broker.connection_made()
+                self._flush()
+                self._poll()
+                if self._raw is None:
+                    # A TLS (or other) stream: the timers get a task of their own. Trio's SSLStream
+                    # may not be cancelled in receive_some (that leaves it unusable), so its reader
+                    # cannot wait under the timers' deadline as a plain socket's does.
+                    self._start(self._timer)
+                with self._reading:
+                    await self._reader()
+                # The broker closed itself: what it queued before goes out, then the socket closes.
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._wait_backlog(0)
+                self._stop(self.close_reason)
         finally:
             self._stopping = True
+            self._cancel_tasks()
             self.broker.connection_lost(self.close_reason)  # once; pending calls fail, running ones are cancelled
-            self.broker.events()
             self._outgoing.clear()
             try:
-                await trio.aclose_forcefully(self.stream)
+                while self._tasks:  # the writer, a timer, calls: cancelled, ending
+                    ended = self._tasks_ended = trio.Event()
+                    await ended.wait()
             finally:
-                self.closed.set()
-                self._calls_done.set()
-                self._progress.set()
-                log.debug("closed the connection with %s (%s)", self.peer, self.close_reason or "no error")
+                try:
+                    await trio.aclose_forcefully(self.stream)
+                finally:
+                    self._ended = True
+                    if self._closed is not None:
+                        self._closed.set()
+                    if self._calls_done is not None:
+                        self._calls_done.set()
+                    self._made_progress()
+                    log.debug("closed the connection with %s (%s)", self.peer, self.close_reason or "no error")
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -339,8 +417,53 @@ class Connection:
             self._stopping = True
             if not self._draining:
                 self.close_reason = reason
-            self._progress.set()
+            self._made_progress()
             self._scope.cancel()
+            self._cancel_tasks()
+
+    def _cancel_tasks(self) -> None:
+        # The writer and a timer task (the calls: the dispatcher cancels them on connection_lost).
+        if self._writer is not None:
+            self._writer.cancel()
+        if self._sleep is not None:
+            self._sleep.cancel()
+
+    def _start(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        # A task of this connection's, counted (the connection closes once they are over).
+        assert self._nursery is not None
+        self._tasks += 1
+        self._nursery.start_soon(self._guarded, fn, *args, name=fn)
+
+    async def _guarded(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception as error:
+            if not self._shared:
+                raise  # the connection's own nursery: as from the reader
+            # In the server's nursery: a bug here costs this connection, not the server.
+            log.error("the connection with %s failed; the server goes on\n%s", self.peer, describe(error))
+            self._stop(error)
+        except BaseException as error:
+            split = getattr(error, "split", None)  # a BaseExceptionGroup: bugs along with Cancelled
+            if split is None or not self._shared:
+                raise
+            bugs, rest = split(Exception)
+            if bugs is not None:
+                log.error("the connection with %s failed; the server goes on\n%s", self.peer, describe(bugs))
+                self._stop(bugs)
+            if rest is not None:
+                raise rest from None
+        finally:
+            self._tasks -= 1
+            if not self._tasks and self._tasks_ended is not None:
+                self._tasks_ended.set()
+
+    def _made_progress(self) -> None:
+        # Output was written (or the connection stops): wake the tasks waiting for the backlog.
+        progress = self._progress
+        if progress is not None:
+            self._progress = None
+            progress.set()
 
     def _new_pending(self) -> PendingResult:
         return PendingResult(self.broker.cancel, self._settled)
@@ -385,7 +508,7 @@ class Connection:
             # output the call makes before it awaits something.
             self._flush(_TAKE)
             if self._outgoing:
-                self._wanted.set()
+                self._want_writer()
                 if self._sending and self._unpolled and not self._polling:
                     self._poll()  # the writer is in a send the peer may never take: arm a deadline now
         else:
@@ -424,11 +547,11 @@ class Connection:
                     self._sent_at_once = True
             if self._outgoing:
                 # The rest (the socket's buffer is full), a TLS stream, or behind a send in
-                # progress: the writer's (which polls the timers when it wakes).
-                self._wanted.set()
+                # progress: the writer's (which polls the timers when it starts).
+                self._want_writer()
             if mode == _HOOK and self._unpolled and not self._polling and (self._sending or not self._outgoing):
-                # Arm the deadline of the call just made now, as the writer does when it wakes:
-                # it will not wake (all is written), or not soon (it is in a send the peer may never take).
+                # Arm the deadline of the call just made now, as the writer does when it starts:
+                # it will not start (all is written), or not soon (it is in a send the peer may never take).
                 self._poll()
         if self.broker.closed and not self._draining:
             # It closed itself (the application called connection_lost, or a peer
@@ -436,6 +559,12 @@ class Connection:
             self._draining = True
             self.close_reason = self.broker.close_reason
             self._reading.cancel()
+
+    def _want_writer(self) -> None:
+        # Output waits: start the writer task, unless it runs (its loop takes what was added).
+        if self._writer is None and self._nursery is not None and not self._stopping:
+            self._writer = trio.CancelScope()
+            self._start(self._write, self._writer)
 
     def _send_at_once(self, raw: socket.socket) -> None:
         # Write what the socket takes now, without a task switch; the writer is
@@ -450,23 +579,23 @@ class Connection:
             return
         if sent:
             del self._outgoing[:sent]
-            if self._backlog_waiters:
-                self._progress.set()  # as the writer does after each chunk
-                self._progress = trio.Event()
+            self._made_progress()  # as the writer does after each chunk
 
     async def _wait_backlog(self, limit: int) -> None:
         while len(self._outgoing) > limit and not self._stopping:
-            self._backlog_waiters += 1
-            try:
-                await self._progress.wait()  # the writer sets it, and replaces it, after each chunk
-            finally:
-                self._backlog_waiters -= 1
+            progress = self._progress
+            if progress is None:
+                progress = self._progress = trio.Event()
+            await progress.wait()  # set (and dropped) after each chunk written
 
     async def _wait_idle(self) -> None:
         """Wait until no call of the peer's runs and what is queued is written (or the connection stops)."""
         while not self._stopping:
             if self.dispatcher.running:
-                await self._calls_done.wait()
+                done = self._calls_done
+                if done is None:
+                    done = self._calls_done = trio.Event()
+                await done.wait()
             elif self._outgoing:
                 await self._wait_backlog(0)
             else:
@@ -477,15 +606,32 @@ class Connection:
         # drain, or as many wait as may (see pbcore.serving, back-pressure).
         while not self._stopping and not self.dispatcher.wants_input:
             wanted = self._input_wanted = trio.Event()
-            await wanted.wait()
+            try:
+                await wanted.wait()
+            finally:
+                self._input_wanted = None
 
     async def _reader(self) -> None:
         dispatcher = self.dispatcher
+        # On a plain socket the reader runs the timers too: it waits for input in a cancel
+        # scope whose deadline is theirs (a poll from any task moves it sooner: see _poll).
+        timed = self._raw is not None
         while True:
-            if not dispatcher.wants_input:
-                await self._wait_to_read()  # (not called when it would return at once: the hot path)
             try:
-                data = await self._receive()
+                if timed:
+                    scope = self._sleep = trio.CancelScope(deadline=self._wake_at)
+                    with scope:
+                        if not dispatcher.wants_input:
+                            await self._wait_to_read()
+                        data = await self._receive()  # (cancelled, it has read nothing)
+                    if scope.cancelled_caught:  # the timers' deadline came
+                        self._wake_at = math.inf
+                        self._poll()
+                        continue
+                else:
+                    if not dispatcher.wants_input:
+                        await self._wait_to_read()  # (not called when it would return at once: the hot path)
+                    data = await self._receive()
             except _STREAM_ERRORS as error:
                 self._stop(error)
                 return
@@ -519,6 +665,7 @@ class Connection:
         # than a chunk (the socket is most likely empty: a round trip's answer)
         # wait until it is readable before reading, sparing the read that finds
         # nothing; after a full chunk read again at once, as trio's receive_some.
+        # Cancelled, either way, it has read nothing (so the timers' deadline may cancel it).
         raw = self._raw
         if raw is None or self._read_full:
             data = await self.stream.receive_some(CHUNK)
@@ -549,21 +696,25 @@ class Connection:
         # The dispatcher starts the next call once an async one has run up to its
         # first wait: the results held wake up only once every call read has.
         while self._unstarted and not self._stopping:
-            await self._call_started.wait()
+            started = self._call_started
+            if started is None:
+                started = self._call_started = trio.Event()
+            await started.wait()
 
     def _spawn(self, call: Coroutine[Any, Any, None]) -> Callable[[], object]:
         # The dispatcher's way to run an async call: a task of this connection's,
         # in a cancel scope of its own, the dispatcher's to cancel.
-        assert self._nursery is not None
         scope = trio.CancelScope()
-        self._nursery.start_soon(self._run_call, call, scope)
+        self._start(self._run_call, call, scope)
         self._unstarted += 1
         return scope.cancel
 
     async def _run_call(self, call: Coroutine[Any, Any, None], scope: trio.CancelScope) -> None:
         self._unstarted -= 1
-        self._call_started.set()  # the reader runs after this step, when the call has reached its first wait
-        self._call_started = trio.Event()
+        started = self._call_started
+        if started is not None:  # the reader waits: it runs after this step, when the call has reached its first wait
+            self._call_started = None
+            started.set()
         _CALL_OF.set(self)  # this task's own (trio gives each task a copy of the context)
         try:
             with scope:
@@ -572,9 +723,10 @@ class Connection:
             # The answer, taken while the call ran: written at once now that the dispatcher
             # is done with it (it logs a failure after queueing the error answer).
             self._flush()
-            if not self.dispatcher.running:
-                self._calls_done.set()
-                self._calls_done = trio.Event()
+            done = self._calls_done
+            if done is not None and not self.dispatcher.running:
+                self._calls_done = None
+                done.set()
 
     def _poll(self) -> None:
         # Run the timers now. A deadline sooner than the wake-up's moves it; a
@@ -589,42 +741,48 @@ class Connection:
         finally:
             self._polling = False
         if deadline is not None and deadline < self._wake_at:
-            self._wake_at = self._sleep.deadline = deadline
+            self._wake_at = deadline
+            if self._sleep is not None:
+                self._sleep.deadline = deadline  # the reader's (or the timer task's) wait, if it waits
 
     async def _timer(self) -> None:
-        # Cancelled with the connection's nursery when it closes.
-        while True:
-            with self._sleep:
+        # A TLS stream's (see _serve); cancelled through _sleep when the connection stops.
+        while not self._stopping:
+            with trio.CancelScope(deadline=self._wake_at) as scope:
+                self._sleep = scope
                 await trio.sleep_forever()  # until the deadline
-            self._sleep, self._wake_at = trio.CancelScope(), math.inf
-            self._poll()
+            self._wake_at = math.inf
+            if not self._stopping:
+                self._poll()
 
-    async def _writer(self) -> None:
-        while True:
-            await self._wanted.wait()
-            self._wanted = trio.Event()
+    async def _write(self, scope: trio.CancelScope) -> None:
+        # The writer task: started when output waits for the socket, over once it is all written.
+        _CALL_OF.set(None)  # started from a call's task, maybe: this one is not a call
+        try:
             self._sent_at_once = False
             if self._unpolled:
-                # New output (the output hook woke us), and no poll since: arm the
-                # deadlines of the calls just made. Once, here, for a batch of output.
+                # New output, and no poll since: arm the deadlines of the calls just made.
+                # Once, here, for a batch of output.
                 self._poll()
-            while self._outgoing:
-                chunk = self._outgoing[: self._high_water]  # a large message in one send
-                self._sending = True
-                try:
-                    await self.stream.send_all(chunk)
-                except _STREAM_ERRORS as error:
-                    self._stop(error)
-                    return
-                finally:
-                    self._sending = False
-                del self._outgoing[: len(chunk)]
-                self._progress.set()
-                self._progress = trio.Event()
-                if self.dispatcher.queued:
-                    # Start the calls that waited for the output to drain (their answers, if plain, join
-                    # _outgoing now and go out in this loop).
-                    self.dispatcher.resume()
+            with scope:
+                while self._outgoing:
+                    chunk = self._outgoing[: self._high_water]  # a large message in one send
+                    self._sending = True
+                    try:
+                        await self.stream.send_all(chunk)
+                    except _STREAM_ERRORS as error:
+                        self._stop(error)
+                        return
+                    finally:
+                        self._sending = False
+                    del self._outgoing[: len(chunk)]
+                    self._made_progress()
+                    if self.dispatcher.queued:
+                        # Start the calls that waited for the output to drain (their answers, if plain, join
+                        # _outgoing now and go out in this loop).
+                        self.dispatcher.resume()
+        finally:
+            self._writer = None
 
 
 #: How :meth:`Connection._flush` is called: from the output hook, or only to take the output.
@@ -786,7 +944,10 @@ class Server:
             log.debug("accepted a connection from %s", peer)
             connection = Connection(stream, self._factory.make_broker, peer)
             self.connections.add(connection)
-            await connection.run()
+            assert self._nursery is not None
+            # In the server's nursery: no nursery per connection (its tasks keep what they
+            # raise from the nursery, see Connection._guarded; what this task raises stops here).
+            await connection._serve(self._nursery, shared=True)
         except Exception as error:
             # As text, not exc_info: a handler keeping records would keep the connection's frames alive.
             log.error("the connection from %s failed; the server goes on\n%s", peer, describe(error))

@@ -233,8 +233,6 @@ class Connection:
         "_progress",
         "_raw",
         "_read_full",
-        "_reading",
-        "_scope",
         "_sending",
         "_sent_at_once",
         "_shared",
@@ -246,6 +244,7 @@ class Connection:
         "_token",
         "_unpolled",
         "_unstarted",
+        "_wait",
         "_wake_at",
         "_writer",
         "broker",
@@ -275,8 +274,10 @@ class Connection:
         self._nursery: trio.Nursery | None = None  # where those run: the server's, or the connection's own
         self._shared = False  # that nursery is the server's: nothing a task raises may reach it
         self._writer: trio.CancelScope | None = None  # the writer task's, while there is one
-        self._scope = trio.CancelScope()  # the reader: closing at once
-        self._reading = trio.CancelScope()  # the reader's reading alone: the broker closed itself
+        # The scope the reader waits for input in, cancelled to stop it (closing, or the broker
+        # closed itself): on a plain socket a new one for each wait (see _reader), on a TLS
+        # stream one around the reader.
+        self._wait: trio.CancelScope | None = None
         self._stopping = False
         self._draining = False
         self._flush_scheduled = False
@@ -374,17 +375,20 @@ class Connection:
         # nothing they raise may reach: see _guarded).
         self._nursery, self._shared = nursery, shared
         try:
-            with self._scope:
-                self.broker.connection_made()
-                self._flush()
-                self._poll()
-                if self._raw is None:
-                    # A TLS (or other) stream: the timers get a task of their own. Trio's SSLStream
-                    # may not be cancelled in receive_some (that leaves it unusable), so its reader
-                    # cannot wait under the timers' deadline as a plain socket's does.
-                    self._start(self._timer)
-                with self._reading:
+            self.broker.connection_made()
+            self._flush()
+            self._poll()
+            if self._raw is None:
+                # A TLS (or other) stream: the timers get a task of their own. Trio's SSLStream
+                # may not be cancelled in receive_some (that leaves it unusable), so its reader
+                # cannot wait under the timers' deadline as a plain socket's does.
+                self._start(self._timer)
+                self._wait = trio.CancelScope()
+                with self._wait:
                     await self._reader()
+            else:
+                await self._reader()
+            if not self._stopping:
                 # The broker closed itself: what it queued before goes out, then the socket closes.
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._wait_backlog(0)
@@ -418,15 +422,18 @@ class Connection:
             if not self._draining:
                 self.close_reason = reason
             self._made_progress()
-            self._scope.cancel()
+            started = self._call_started
+            if started is not None:  # the reader, waiting for calls to start: it stops now
+                self._call_started = None
+                started.set()
             self._cancel_tasks()
 
     def _cancel_tasks(self) -> None:
-        # The writer and a timer task (the calls: the dispatcher cancels them on connection_lost).
-        if self._writer is not None:
-            self._writer.cancel()
-        if self._sleep is not None:
-            self._sleep.cancel()
+        # The reader's wait, the writer and a timer task (the calls: the dispatcher cancels
+        # them on connection_lost).
+        for scope in (self._wait, self._writer, self._sleep):
+            if scope is not None:
+                scope.cancel()
 
     def _start(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         # A task of this connection's, counted (the connection closes once they are over).
@@ -558,7 +565,8 @@ class Connection:
             # went over MAX_BROKER_REFS): read no more; run() writes what is queued and closes.
             self._draining = True
             self.close_reason = self.broker.close_reason
-            self._reading.cancel()
+            if self._wait is not None:
+                self._wait.cancel()  # (if the reader is not waiting, it stops before it waits again)
 
     def _want_writer(self) -> None:
         # Output waits: start the writer task, unless it runs (its loop takes what was added).
@@ -612,26 +620,43 @@ class Connection:
                 self._input_wanted = None
 
     async def _reader(self) -> None:
-        dispatcher = self.dispatcher
-        # On a plain socket the reader runs the timers too: it waits for input in a cancel
-        # scope whose deadline is theirs (a poll from any task moves it sooner: see _poll).
-        timed = self._raw is not None
-        while True:
+        # Until the connection stops or the broker closes itself (then _serve drains the output).
+        dispatcher, raw = self.dispatcher, self._raw
+        while not (self._stopping or self._draining):
             try:
-                if timed:
-                    scope = self._sleep = trio.CancelScope(deadline=self._wake_at)
+                if raw is None:
+                    # A TLS (or other) stream, in the scope _wait that _serve entered.
+                    if not dispatcher.wants_input:
+                        await self._wait_to_read()
+                    data = await self.stream.receive_some(CHUNK)
+                else:
+                    # A plain socket: the reader runs the timers too. It waits for input in a
+                    # cancel scope whose deadline is theirs (a poll from any task moves it
+                    # sooner: see _poll), cancelled as well to stop it. Cancelled, it has read
+                    # nothing: waiting for readability, or in SocketStream.receive_some.
+                    scope = self._wait = self._sleep = trio.CancelScope(deadline=self._wake_at)
                     with scope:
                         if not dispatcher.wants_input:
-                            await self._wait_to_read()
-                        data = await self._receive()  # (cancelled, it has read nothing)
-                    if scope.cancelled_caught:  # the timers' deadline came
-                        self._wake_at = math.inf
-                        self._poll()
+                            await self._wait_to_read()  # (not called when it would return at once: the hot path)
+                        if self._read_full:
+                            data = await self.stream.receive_some(CHUNK)  # more, most likely: at once
+                        else:
+                            # After a read shorter than a chunk (the socket is most likely empty:
+                            # a round trip's answer) wait until it is readable, sparing the read
+                            # that finds nothing.
+                            await trio.lowlevel.wait_readable(raw)
+                            try:
+                                data = raw.recv(CHUNK)
+                            except (BlockingIOError, InterruptedError):
+                                continue  # woken for nothing: wait again
+                            except OSError as error:
+                                raise _stream_error(error) from None
+                    if scope.cancelled_caught:
+                        if not (self._stopping or self._draining):  # the timers' deadline came
+                            self._wake_at = math.inf
+                            self._poll()
                         continue
-                else:
-                    if not dispatcher.wants_input:
-                        await self._wait_to_read()  # (not called when it would return at once: the hot path)
-                    data = await self._receive()
+                    self._read_full = len(data) == CHUNK
             except _STREAM_ERRORS as error:
                 self._stop(error)
                 return
@@ -659,28 +684,6 @@ class Connection:
             if spawned:
                 self._flush()  # what the async calls wrote in their first steps (else nothing came since)
             self._poll()
-
-    async def _receive(self) -> bytes | bytearray:
-        # The next chunk (b"": EOF). On a plain socket, after a read shorter
-        # than a chunk (the socket is most likely empty: a round trip's answer)
-        # wait until it is readable before reading, sparing the read that finds
-        # nothing; after a full chunk read again at once, as trio's receive_some.
-        # Cancelled, either way, it has read nothing (so the timers' deadline may cancel it).
-        raw = self._raw
-        if raw is None or self._read_full:
-            data = await self.stream.receive_some(CHUNK)
-        else:
-            while True:
-                await trio.lowlevel.wait_readable(raw)
-                try:
-                    data = raw.recv(CHUNK)
-                    break
-                except (BlockingIOError, InterruptedError):
-                    continue  # woken for nothing: wait again
-                except OSError as error:
-                    raise _stream_error(error) from None
-        self._read_full = len(data) == CHUNK
-        return data
 
     def _start_calls(self) -> None:
         # A function of its own, so that no event (holding a result, which may

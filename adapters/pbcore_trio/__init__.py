@@ -274,9 +274,8 @@ class Connection:
         self._nursery: trio.Nursery | None = None  # where those run: the server's, or the connection's own
         self._shared = False  # that nursery is the server's: nothing a task raises may reach it
         self._writer: trio.CancelScope | None = None  # the writer task's, while there is one
-        # The scope the reader waits for input in, cancelled to stop it (closing, or the broker
-        # closed itself): on a plain socket a new one for each wait (see _reader), on a TLS
-        # stream one around the reader.
+        # The scope the reader waits for input in (a new one for each wait, see _serve), cancelled
+        # to stop it: closing, or the broker closed itself.
         self._wait: trio.CancelScope | None = None
         self._stopping = False
         self._draining = False
@@ -370,29 +369,102 @@ class Connection:
         async with trio.open_nursery() as nursery:
             await self._serve(nursery)
 
-    async def _serve(self, nursery: trio.Nursery, *, shared: bool = False) -> None:
-        # The reader is this task; the others start in *nursery* (shared: the server's, which
-        # nothing they raise may reach: see _guarded).
-        self._nursery, self._shared = nursery, shared
+    async def _serve(self, nursery: trio.Nursery, server: Server | None = None) -> None:
+        # This task is the reader (one function, not a stack of them: an idle connection's frames
+        # are most of what it costs); the other tasks start in *nursery*. Served (*server* given),
+        # that is the server's nursery: nothing this connection raises may reach it (an
+        # application bug, a rootObject that raises say, costs this connection only).
+        self._nursery, self._shared = nursery, server is not None
+        dispatcher, raw = self.dispatcher, self._raw
         try:
             self.broker.connection_made()
             self._flush()
             self._poll()
-            if self._raw is None:
+            if raw is None:
                 # A TLS (or other) stream: the timers get a task of their own. Trio's SSLStream
                 # may not be cancelled in receive_some (that leaves it unusable), so its reader
                 # cannot wait under the timers' deadline as a plain socket's does.
                 self._start(self._timer)
-                self._wait = trio.CancelScope()
-                with self._wait:
-                    await self._reader()
-            else:
-                await self._reader()
+            # Read until the connection stops or the broker closes itself. The reader waits for
+            # input in a cancel scope of its own, which closing cancels. On a plain socket its
+            # deadline is the timers' (a poll from any task moves it sooner: see _poll), and
+            # cancelled it has read nothing (waiting for readability, or in SocketStream's
+            # receive_some): the reader runs the timers and goes on reading.
+            while not (self._stopping or self._draining):
+                try:
+                    if raw is None:
+                        scope = self._wait = trio.CancelScope()
+                    else:
+                        scope = self._wait = self._sleep = trio.CancelScope(deadline=self._wake_at)
+                    with scope:
+                        if not dispatcher.wants_input:
+                            await self._wait_to_read()  # (not called when it would return at once: the hot path)
+                        if raw is None or self._read_full:
+                            data = await self.stream.receive_some(CHUNK)  # after a full chunk, more at once
+                        else:
+                            # After a read shorter than a chunk (the socket is most likely empty:
+                            # a round trip's answer) wait until it is readable, sparing the read
+                            # that finds nothing.
+                            await trio.lowlevel.wait_readable(raw)
+                            try:
+                                data = raw.recv(CHUNK)
+                            except (BlockingIOError, InterruptedError):
+                                continue  # woken for nothing: wait again
+                            except OSError as error:
+                                raise _stream_error(error) from None
+                    if scope.cancelled_caught:
+                        if raw is not None and not (self._stopping or self._draining):  # the timers' deadline
+                            self._wake_at = math.inf
+                            self._poll()
+                        continue
+                except _STREAM_ERRORS as error:
+                    self._stop(error)
+                    break
+                if not data:  # EOF
+                    self._stop(None)
+                    break
+                self._read_full = len(data) == CHUNK
+                self._sent_at_once = False  # a new step: a hook may write at once again
+                self._held = []
+                try:
+                    self._flush_follows = True
+                    try:
+                        self.broker.receive_data(data)
+                    except ProtocolError as error:
+                        # The broker has closed (and logged why); drop this connection only.
+                        self._stop(error)
+                        break
+                    finally:
+                        self._flush_follows = False
+                    self._start_calls()
+                    spawned = self._unstarted
+                    if spawned:
+                        await self._wait_started()
+                finally:
+                    self._release_held()
+                if spawned:
+                    self._flush()  # what the async calls wrote in their first steps (else nothing came since)
+                self._poll()
             if not self._stopping:
                 # The broker closed itself: what it queued before goes out, then the socket closes.
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._wait_backlog(0)
                 self._stop(self.close_reason)
+        except Exception as error:
+            if server is None:
+                raise
+            # As text, not exc_info: a handler keeping records would keep the connection's frames alive.
+            log.error("the connection from %s failed; the server goes on\n%s", self.peer, describe(error))
+        except BaseException as error:
+            split = getattr(error, "split", None)  # a BaseExceptionGroup: bugs along with Cancelled
+            if split is None or server is None:
+                raise
+            bugs, rest = split(Exception)
+            if bugs is None:
+                raise
+            log.error("the connection from %s failed; the server goes on\n%s", self.peer, describe(bugs))
+            if rest is not None:
+                raise rest from None
         finally:
             self._stopping = True
             self._cancel_tasks()
@@ -407,6 +479,8 @@ class Connection:
                     await trio.aclose_forcefully(self.stream)
                 finally:
                     self._ended = True
+                    if server is not None:
+                        server.connections.discard(self)
                     if self._closed is not None:
                         self._closed.set()
                     if self._calls_done is not None:
@@ -619,72 +693,6 @@ class Connection:
             finally:
                 self._input_wanted = None
 
-    async def _reader(self) -> None:
-        # Until the connection stops or the broker closes itself (then _serve drains the output).
-        dispatcher, raw = self.dispatcher, self._raw
-        while not (self._stopping or self._draining):
-            try:
-                if raw is None:
-                    # A TLS (or other) stream, in the scope _wait that _serve entered.
-                    if not dispatcher.wants_input:
-                        await self._wait_to_read()
-                    data = await self.stream.receive_some(CHUNK)
-                else:
-                    # A plain socket: the reader runs the timers too. It waits for input in a
-                    # cancel scope whose deadline is theirs (a poll from any task moves it
-                    # sooner: see _poll), cancelled as well to stop it. Cancelled, it has read
-                    # nothing: waiting for readability, or in SocketStream.receive_some.
-                    scope = self._wait = self._sleep = trio.CancelScope(deadline=self._wake_at)
-                    with scope:
-                        if not dispatcher.wants_input:
-                            await self._wait_to_read()  # (not called when it would return at once: the hot path)
-                        if self._read_full:
-                            data = await self.stream.receive_some(CHUNK)  # more, most likely: at once
-                        else:
-                            # After a read shorter than a chunk (the socket is most likely empty:
-                            # a round trip's answer) wait until it is readable, sparing the read
-                            # that finds nothing.
-                            await trio.lowlevel.wait_readable(raw)
-                            try:
-                                data = raw.recv(CHUNK)
-                            except (BlockingIOError, InterruptedError):
-                                continue  # woken for nothing: wait again
-                            except OSError as error:
-                                raise _stream_error(error) from None
-                    if scope.cancelled_caught:
-                        if not (self._stopping or self._draining):  # the timers' deadline came
-                            self._wake_at = math.inf
-                            self._poll()
-                        continue
-                    self._read_full = len(data) == CHUNK
-            except _STREAM_ERRORS as error:
-                self._stop(error)
-                return
-            if not data:  # EOF
-                self._stop(None)
-                return
-            self._sent_at_once = False  # a new step: a hook may write at once again
-            self._held = []
-            try:
-                self._flush_follows = True
-                try:
-                    self.broker.receive_data(data)
-                except ProtocolError as error:
-                    # The broker has closed (and logged why); drop this connection only.
-                    self._stop(error)
-                    return
-                finally:
-                    self._flush_follows = False
-                self._start_calls()
-                spawned = self._unstarted
-                if spawned:
-                    await self._wait_started()
-            finally:
-                self._release_held()
-            if spawned:
-                self._flush()  # what the async calls wrote in their first steps (else nothing came since)
-            self._poll()
-
     def _start_calls(self) -> None:
         # A function of its own, so that no event (holding a result, which may
         # be a reference the application has dropped since) outlives the call.
@@ -790,6 +798,8 @@ class Connection:
 
 #: How :meth:`Connection._flush` is called: from the output hook, or only to take the output.
 _HOOK, _TAKE = 1, 2
+#: The name of a served connection's task (a string given: trio makes none per task).
+_CONNECTION = "pbcore_trio.connection"
 #: In the task of a served call: the connection whose call it is.
 _CALL_OF: contextvars.ContextVar[Connection | None] = contextvars.ContextVar("pbcore_trio_call_of", default=None)
 
@@ -934,41 +944,23 @@ class Server:
                 if self._grace is not None or self._nursery is None:
                     await trio.aclose_forcefully(stream)
                     return
-                self._nursery.start_soon(self._serve_connection, stream)
+                self._serve_connection(self._nursery, stream)
         finally:
             await trio.aclose_forcefully(listener)
 
-    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
-        # Nothing this connection raises may reach the server's nursery: an
-        # application bug (a rootObject that raises, say) costs this connection only.
+    def _serve_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
+        # The connection's reader is a task of the server's nursery (no nursery per connection),
+        # which keeps what the connection raises from the server (see Connection._serve).
         peer = _peer_of(stream)
-        connection: Connection | None = None
+        log.debug("accepted a connection from %s", peer)
         try:
-            log.debug("accepted a connection from %s", peer)
             connection = Connection(stream, self._factory.make_broker, peer)
-            self.connections.add(connection)
-            assert self._nursery is not None
-            # In the server's nursery: no nursery per connection (its tasks keep what they
-            # raise from the nursery, see Connection._guarded; what this task raises stops here).
-            await connection._serve(self._nursery, shared=True)
-        except Exception as error:
-            # As text, not exc_info: a handler keeping records would keep the connection's frames alive.
+        except Exception as error:  # the application's make_broker, say
             log.error("the connection from %s failed; the server goes on\n%s", peer, describe(error))
-        except BaseException as error:
-            split = getattr(error, "split", None)  # a BaseExceptionGroup: bugs along with Cancelled
-            if split is None:
-                raise
-            bugs, rest = split(Exception)
-            if bugs is None:
-                raise
-            log.error("the connection from %s failed; the server goes on\n%s", peer, describe(bugs))
-            if rest is not None:
-                raise rest from None
-        finally:
-            if connection is None:
-                await trio.aclose_forcefully(stream)
-            else:
-                self.connections.discard(connection)
+            nursery.start_soon(trio.aclose_forcefully, stream, name=_CONNECTION)
+            return
+        self.connections.add(connection)
+        nursery.start_soon(connection._serve, nursery, self, name=_CONNECTION)
 
     async def _shut(self, grace: trio.CancelScope) -> None:
         with grace:

@@ -216,7 +216,6 @@ class Connection:
 
     __slots__ = (
         "__weakref__",
-        "_call_started",
         "_calls_done",
         "_closed",
         "_draining",
@@ -229,6 +228,7 @@ class Connection:
         "_now",
         "_nursery",
         "_outgoing",
+        "_parked",
         "_polling",
         "_progress",
         "_raw",
@@ -264,7 +264,7 @@ class Connection:
         # The events below are made only when a task is about to wait for them (none in the idle state).
         self._progress: trio.Event | None = None  # set (and dropped) after each chunk written; set when stopping
         self._calls_done: trio.Event | None = None  # set (and dropped) when the last served call running ends
-        self._call_started: trio.Event | None = None  # set (and dropped) when a spawned call takes its first step
+        self._parked: trio.lowlevel.Task | None = None  # the reader, waiting for a spawned call's first step
         self._input_wanted: trio.Event | None = None  # set when the dispatcher, having held too many calls, wants more
         self._tasks_ended: trio.Event | None = None  # set when the last task of this connection's ends
         self._closed: trio.Event | None = None  # the ``closed`` event, once asked for
@@ -274,8 +274,8 @@ class Connection:
         self._nursery: trio.Nursery | None = None  # where those run: the server's, or the connection's own
         self._shared = False  # that nursery is the server's: nothing a task raises may reach it
         self._writer: trio.CancelScope | None = None  # the writer task's, while there is one
-        # The scope the reader waits for input in (a new one for each wait, see _serve), cancelled
-        # to stop it: closing, or the broker closed itself.
+        # The scope the reader reads in (see _serve), cancelled to stop it: closing, or the broker
+        # closed itself.
         self._wait: trio.CancelScope | None = None
         self._stopping = False
         self._draining = False
@@ -385,66 +385,67 @@ class Connection:
                 # may not be cancelled in receive_some (that leaves it unusable), so its reader
                 # cannot wait under the timers' deadline as a plain socket's does.
                 self._start(self._timer)
-            # Read until the connection stops or the broker closes itself. The reader waits for
-            # input in a cancel scope of its own, which closing cancels. On a plain socket its
-            # deadline is the timers' (a poll from any task moves it sooner: see _poll), and
-            # cancelled it has read nothing (waiting for readability, or in SocketStream's
-            # receive_some): the reader runs the timers and goes on reading.
+            # Read until the connection stops or the broker closes itself, in a cancel scope that
+            # closing cancels (a new one only once it is: entering one costs more than a round
+            # trip's reads). On a plain socket its deadline is the timers' (a poll from any task
+            # moves it sooner: see _poll). Cancelled, the reader has read nothing: it was waiting
+            # for readability, in SocketStream's receive_some, or for the dispatcher to want input
+            # (it does not wait anywhere else: _wait_started cannot be cancelled); on its deadline
+            # it runs the timers and reads on in a new scope.
             while not (self._stopping or self._draining):
-                try:
-                    if raw is None:
-                        scope = self._wait = trio.CancelScope()
-                    else:
-                        scope = self._wait = self._sleep = trio.CancelScope(deadline=self._wake_at)
-                    with scope:
-                        if not dispatcher.wants_input:
-                            await self._wait_to_read()  # (not called when it would return at once: the hot path)
-                        if raw is None or self._read_full:
-                            data = await self.stream.receive_some(CHUNK)  # after a full chunk, more at once
-                        else:
-                            # After a read shorter than a chunk (the socket is most likely empty:
-                            # a round trip's answer) wait until it is readable, sparing the read
-                            # that finds nothing.
-                            await trio.lowlevel.wait_readable(raw)
+                if raw is None:
+                    scope = self._wait = trio.CancelScope()
+                else:
+                    scope = self._wait = self._sleep = trio.CancelScope(deadline=self._wake_at)
+                with scope:
+                    while not (self._stopping or self._draining):
+                        try:
+                            if not dispatcher.wants_input:
+                                await self._wait_to_read()  # (not called when it would return at once: the hot path)
+                            if raw is None or self._read_full:
+                                data = await self.stream.receive_some(CHUNK)  # after a full chunk, more at once
+                            else:
+                                # After a read shorter than a chunk (the socket is most likely
+                                # empty: a round trip's answer) wait until it is readable, sparing
+                                # the read that finds nothing.
+                                await trio.lowlevel.wait_readable(raw)
+                                try:
+                                    data = raw.recv(CHUNK)
+                                except (BlockingIOError, InterruptedError):
+                                    continue  # woken for nothing: wait again
+                                except OSError as error:
+                                    raise _stream_error(error) from None
+                        except _STREAM_ERRORS as error:
+                            self._stop(error)
+                            break
+                        if not data:  # EOF
+                            self._stop(None)
+                            break
+                        self._read_full = len(data) == CHUNK
+                        self._sent_at_once = False  # a new step: a hook may write at once again
+                        self._held = []
+                        try:
+                            self._flush_follows = True
                             try:
-                                data = raw.recv(CHUNK)
-                            except (BlockingIOError, InterruptedError):
-                                continue  # woken for nothing: wait again
-                            except OSError as error:
-                                raise _stream_error(error) from None
-                    if scope.cancelled_caught:
-                        if raw is not None and not (self._stopping or self._draining):  # the timers' deadline
-                            self._wake_at = math.inf
-                            self._poll()
-                        continue
-                except _STREAM_ERRORS as error:
-                    self._stop(error)
-                    break
-                if not data:  # EOF
-                    self._stop(None)
-                    break
-                self._read_full = len(data) == CHUNK
-                self._sent_at_once = False  # a new step: a hook may write at once again
-                self._held = []
-                try:
-                    self._flush_follows = True
-                    try:
-                        self.broker.receive_data(data)
-                    except ProtocolError as error:
-                        # The broker has closed (and logged why); drop this connection only.
-                        self._stop(error)
-                        break
-                    finally:
-                        self._flush_follows = False
-                    self._start_calls()
-                    spawned = self._unstarted
-                    if spawned:
-                        await self._wait_started()
-                finally:
-                    self._release_held()
-                if spawned:
-                    self._flush()  # what the async calls wrote in their first steps (else nothing came since)
-                self._poll()
+                                self.broker.receive_data(data)
+                            except ProtocolError as error:
+                                # The broker has closed (and logged why); drop this connection only.
+                                self._stop(error)
+                                break
+                            finally:
+                                self._flush_follows = False
+                            self._start_calls()
+                            spawned = self._unstarted
+                            if spawned:
+                                await self._wait_started()
+                        finally:
+                            self._release_held()
+                        if spawned:
+                            self._flush()  # what the async calls wrote in their first steps (else nothing came since)
+                        self._poll()
+                if scope.cancelled_caught and raw is not None and not (self._stopping or self._draining):
+                    self._wake_at = math.inf  # the timers' deadline came
+                    self._poll()
             if not self._stopping:
                 # The broker closed itself: what it queued before goes out, then the socket closes.
                 with trio.move_on_after(CLOSE_TIMEOUT):
@@ -496,10 +497,7 @@ class Connection:
             if not self._draining:
                 self.close_reason = reason
             self._made_progress()
-            started = self._call_started
-            if started is not None:  # the reader, waiting for calls to start: it stops now
-                self._call_started = None
-                started.set()
+            self._unpark()  # the reader, waiting for calls to start: it stops now
             self._cancel_tasks()
 
     def _cancel_tasks(self) -> None:
@@ -705,12 +703,19 @@ class Connection:
 
     async def _wait_started(self) -> None:
         # The dispatcher starts the next call once an async one has run up to its
-        # first wait: the results held wake up only once every call read has.
+        # first wait: the results held wake up only once every call read has. This
+        # wait cannot be cancelled (its abort fails; the calls take their first step
+        # soon, cancelled or not, and closing wakes it): the reader's scope, cancelled
+        # on the timers' deadline mid-chunk, stops it at its next wait for input only.
         while self._unstarted and not self._stopping:
-            started = self._call_started
-            if started is None:
-                started = self._call_started = trio.Event()
-            await started.wait()
+            self._parked = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+
+    def _unpark(self) -> None:
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(parked)
 
     def _spawn(self, call: Coroutine[Any, Any, None]) -> Callable[[], object]:
         # The dispatcher's way to run an async call: a task of this connection's,
@@ -722,10 +727,7 @@ class Connection:
 
     async def _run_call(self, call: Coroutine[Any, Any, None], scope: trio.CancelScope) -> None:
         self._unstarted -= 1
-        started = self._call_started
-        if started is not None:  # the reader waits: it runs after this step, when the call has reached its first wait
-            self._call_started = None
-            started.set()
+        self._unpark()  # the reader, if it waits: it runs after this step, when the call has reached its first wait
         _CALL_OF.set(self)  # this task's own (trio gives each task a copy of the context)
         try:
             with scope:
@@ -798,6 +800,12 @@ class Connection:
 
 #: How :meth:`Connection._flush` is called: from the output hook, or only to take the output.
 _HOOK, _TAKE = 1, 2
+
+
+def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
 #: The name of a served connection's task (a string given: trio makes none per task).
 _CONNECTION = "pbcore_trio.connection"
 #: In the task of a served call: the connection whose call it is.

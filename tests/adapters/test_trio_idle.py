@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -48,6 +49,14 @@ class Service(Root):
 
     async def remote_hang(self) -> None:
         await trio.sleep_forever()
+
+    def remote_block(self, seconds: float) -> str:
+        time.sleep(seconds)  # blocks the loop: a deadline passes meanwhile
+        return "blocked"
+
+    async def remote_later(self) -> str:
+        await trio.sleep(0.05)
+        return "later"
 
 
 def tasks() -> list[trio.lowlevel.Task]:
@@ -169,6 +178,37 @@ def test_a_deadline_armed_from_another_task_moves_the_readers_wait() -> None:
                     await root.callRemote("hang", pbtimeout=0.3)
                 assert 0.25 <= trio.current_time() - started < 3
                 assert await root.callRemote("echo", 2) == 2  # and the connection goes on
+
+    run(body)
+
+
+def test_the_timers_deadline_passing_while_the_reader_waits_for_a_call_to_start_breaks_nothing() -> None:
+    # One chunk: a plain call that blocks past the reader's deadline, then an async one. The
+    # reader waits for the async call's first step when its scope is cancelled by the
+    # deadline: that wait does not end on it (it cannot be cancelled); the reader finishes the
+    # chunk, runs the timers at its next wait for input, and reads on.
+    async def body() -> None:
+        factory = PBServerFactory(Service(), timeouts=Timeouts(idle=0.1, probe=5.0))
+        async with pbcore_trio.open_server(factory) as server:
+            stream, broker = await raw_client(server.port)
+            (served,) = server.connections
+            first = broker.root().callRemote("block", 0.3)
+            second = broker.root().callRemote("later")
+            await stream.send_all(broker.data_to_send())  # both calls in one send
+            with trio.fail_after(5):
+                while not (first.done and second.done):
+                    broker.receive_data(bytes(await stream.receive_some(65536)))
+                    await stream.send_all(broker.data_to_send())  # (a probe's answer, maybe)
+            assert isinstance(first, PendingCall) and first.result == "blocked"
+            assert isinstance(second, PendingCall) and second.result == "later"
+            assert not served.closed.is_set() and served._parked is None
+            third = broker.root().callRemote("echo", 3)
+            await stream.send_all(broker.data_to_send())
+            with trio.fail_after(5):
+                while not third.done:
+                    broker.receive_data(bytes(await stream.receive_some(65536)))
+            assert isinstance(third, PendingCall) and third.result == 3
+            await stream.aclose()
 
     run(body)
 

@@ -20,9 +20,13 @@ or cancelled. ``server.port`` is the bound port, ``server.addresses`` every
 listener's address, ``server.connections`` the live :class:`Connection`
 objects; ``server.close(grace)`` stops accepting at once, lets the calls
 running finish for up to *grace* seconds, then closes every connection. Each
-connection runs in a task of its own, and nothing it raises reaches the
-server: an application bug costs at most its own connection (logged under
-``pbcore.trio``).
+connection's tasks run in the server's nursery (no nursery per connection),
+and nothing they raise reaches the server: an application bug costs at most
+its own connection (logged under ``pbcore.trio``).
+
+An idle connection on a plain socket is one task, its reader: the writer task
+exists only while output waits for the socket, a call's task while it runs,
+and the reader runs the timers itself (below).
 
 Calls run through :class:`pbcore.serving.Dispatcher`, which starts them in
 arrival order, answers every outcome, refuses a call past
@@ -41,9 +45,10 @@ backend="trio")``).
 
 On a plain TCP or unix socket, output is written at once (a non-blocking
 send, from the task that made it, or by the reader for the answers to what it
-read) when the connection's writer task is idle: a round trip needs no task
-switch. What the socket does not take, output queued behind a send in
-progress, and everything on a TLS stream go out through the writer task.
+read) when no writer task is sending: a round trip needs no task switch.
+What the socket does not take, output queued behind a send in progress, and
+everything on a TLS stream go out through the writer task, started for it
+and ended once all is written.
 
 Memory stays bounded when a peer stops reading: the writer sends through the
 stream's ``send_all`` up to the broker's ``Limits.output_high_water`` at a
@@ -61,8 +66,12 @@ seconds) and the socket is closed.
 Time is the core's (:mod:`pbcore.timers`): each connection's
 ``connection.timers`` is polled on ``trio.current_time()`` after the
 connection starts, after every chunk read, when new output is written and
-when the deadline it asked for comes, by one timer task in the connection's
-nursery (cancelled with it). So a silent port fails ``getRootObject()``, a
+when the deadline it asked for comes. On a plain socket the reader keeps that
+deadline: it reads in a cancel scope whose deadline is the timers' (a poll
+from any task, a call with a ``pbtimeout`` say, moves it sooner), and wakes
+up to run them. A TLS stream has a timer task instead: trio's ``SSLStream``
+is left unusable by a cancelled ``receive_some``, so its reader cannot be
+woken that way. So a silent port fails ``getRootObject()``, a
 peer gone silent is probed and dropped, and ``callRemote(...,
 pbtimeout=seconds)`` fails with :class:`~pbcore.errors.CallTimedOut`, as the
 factory's ``Timeouts`` say (whose ``tcp_keepalive``, if set, is applied to

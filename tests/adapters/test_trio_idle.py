@@ -170,8 +170,9 @@ def test_a_deadline_armed_from_another_task_moves_the_readers_wait() -> None:
             async with pbcore_trio.open_connection(factory, "127.0.0.1", server.port) as connection:
                 root = await factory.getRootObject()
                 await settled()
-                assert connection._sleep is connection._wait is not None  # the reader waits, and runs the timers
-                idle_deadline = connection._sleep.deadline
+                sleep = connection._sleep
+                assert sleep is not None and sleep is connection._wait  # the reader waits, and runs the timers
+                idle_deadline = sleep.deadline
                 assert idle_deadline - trio.current_time() > 10  # the handshake's or the idle one
                 started = trio.current_time()
                 with pytest.raises(CallTimedOut), trio.fail_after(5):

@@ -20,9 +20,13 @@ or cancelled. ``server.port`` is the bound port, ``server.addresses`` every
 listener's address, ``server.connections`` the live :class:`Connection`
 objects; ``server.close(grace)`` stops accepting at once, lets the calls
 running finish for up to *grace* seconds, then closes every connection. Each
-connection runs in a task of its own, and nothing it raises reaches the
-server: an application bug costs at most its own connection (logged under
-``pbcore.trio``).
+connection's tasks run in the server's nursery (no nursery per connection),
+and nothing they raise reaches the server: an application bug costs at most
+its own connection (logged under ``pbcore.trio``).
+
+An idle connection on a plain socket is one task, its reader: the writer task
+exists only while output waits for the socket, a call's task while it runs,
+and the reader runs the timers itself (below).
 
 Calls run through :class:`pbcore.serving.Dispatcher`, which starts them in
 arrival order, answers every outcome, refuses a call past
@@ -41,9 +45,10 @@ backend="trio")``).
 
 On a plain TCP or unix socket, output is written at once (a non-blocking
 send, from the task that made it, or by the reader for the answers to what it
-read) when the connection's writer task is idle: a round trip needs no task
-switch. What the socket does not take, output queued behind a send in
-progress, and everything on a TLS stream go out through the writer task.
+read) when no writer task is sending: a round trip needs no task switch.
+What the socket does not take, output queued behind a send in progress, and
+everything on a TLS stream go out through the writer task, started for it
+and ended once all is written.
 
 Memory stays bounded when a peer stops reading: the writer sends through the
 stream's ``send_all`` up to the broker's ``Limits.output_high_water`` at a
@@ -61,8 +66,12 @@ seconds) and the socket is closed.
 Time is the core's (:mod:`pbcore.timers`): each connection's
 ``connection.timers`` is polled on ``trio.current_time()`` after the
 connection starts, after every chunk read, when new output is written and
-when the deadline it asked for comes, by one timer task in the connection's
-nursery (cancelled with it). So a silent port fails ``getRootObject()``, a
+when the deadline it asked for comes. On a plain socket the reader keeps that
+deadline: it reads in a cancel scope whose deadline is the timers' (a poll
+from any task, a call with a ``pbtimeout`` say, moves it sooner), and wakes
+up to run them. A TLS stream has a timer task instead: trio's ``SSLStream``
+is left unusable by a cancelled ``receive_some``, so its reader cannot be
+woken that way. So a silent port fails ``getRootObject()``, a
 peer gone silent is probed and dropped, and ``callRemote(...,
 pbtimeout=seconds)`` fails with :class:`~pbcore.errors.CallTimedOut`, as the
 factory's ``Timeouts`` say (whose ``tcp_keepalive``, if set, is applied to
@@ -207,7 +216,53 @@ class Connection:
     broker closing itself; then the calls still waiting fail with
     PBConnectionLost, the calls still running are cancelled and the stream is
     closed. ``peer`` (also ``broker.peer``) is the peer's address.
+
+    An idle connection is one task: the one reading (on a TLS stream, a timer
+    task as well). The writer task runs only while output waits for the
+    socket, and the calls' tasks while they run. A served connection's tasks
+    run in the server's nursery.
     """
+
+    __slots__ = (
+        "__weakref__",
+        "_calls_done",
+        "_closed",
+        "_draining",
+        "_ended",
+        "_flush_follows",
+        "_flush_scheduled",
+        "_held",
+        "_high_water",
+        "_input_wanted",
+        "_now",
+        "_nursery",
+        "_outgoing",
+        "_parked",
+        "_polling",
+        "_progress",
+        "_raw",
+        "_read_full",
+        "_sending",
+        "_sent_at_once",
+        "_shared",
+        "_sleep",
+        "_stopping",
+        "_tasks",
+        "_tasks_ended",
+        "_thread",
+        "_token",
+        "_unpolled",
+        "_unstarted",
+        "_wait",
+        "_wake_at",
+        "_writer",
+        "broker",
+        "close_reason",
+        "dispatcher",
+        "peer",
+        "stream",
+        "timers",
+    )
 
     def __init__(self, stream: trio.abc.Stream, make_broker: Callable[..., Broker], peer: Any = None) -> None:
         self.stream = stream
@@ -215,15 +270,22 @@ class Connection:
         self.peer = peer
         self._token = trio.lowlevel.current_trio_token()
         self._outgoing = bytearray()
-        self._wanted = trio.Event()  # set: the writer has bytes to write
-        self._progress = trio.Event()  # set (and replaced) by the writer after each chunk; set when stopping
-        self._calls_done = trio.Event()  # set (and replaced) when the last served call running ends
-        self._call_started = trio.Event()  # set (and replaced) when a spawned call takes its first step
-        self._input_wanted = trio.Event()  # set when the dispatcher, having held too many calls, wants more
+        # The events below are made only when a task is about to wait for them (none in the idle state).
+        self._progress: trio.Event | None = None  # set (and dropped) after each chunk written; set when stopping
+        self._calls_done: trio.Event | None = None  # set (and dropped) when the last served call running ends
+        self._parked: trio.lowlevel.Task | None = None  # the reader, waiting for a spawned call's first step
+        self._input_wanted: trio.Event | None = None  # set when the dispatcher, having held too many calls, wants more
+        self._tasks_ended: trio.Event | None = None  # set when the last task of this connection's ends
+        self._closed: trio.Event | None = None  # the ``closed`` event, once asked for
+        self._ended = False  # closed
         self._unstarted = 0  # calls spawned that have not taken their first step
-        self._nursery: trio.Nursery | None = None  # where the calls run
-        self._scope = trio.CancelScope()  # everything: closing at once
-        self._reading = trio.CancelScope()  # the reader alone: the broker closed itself
+        self._tasks = 0  # this connection's tasks running, besides the reader: the writer, calls, a timer
+        self._nursery: trio.Nursery | None = None  # where those run: the server's, or the connection's own
+        self._shared = False  # that nursery is the server's: nothing a task raises may reach it
+        self._writer: trio.CancelScope | None = None  # the writer task's, while there is one
+        # The scope the reader reads in (see _serve), cancelled to stop it: closing, or the broker
+        # closed itself.
+        self._wait: trio.CancelScope | None = None
         self._stopping = False
         self._draining = False
         self._flush_scheduled = False
@@ -238,23 +300,27 @@ class Connection:
         self._sent_at_once = False
         self._polling = False
         self._read_full = False  # the last read filled a chunk: read again without waiting
-        self._backlog_waiters = 0  # tasks in _wait_backlog (a write at once sets _progress for them)
         self._thread = threading.get_ident()
         # While the reader handles what one chunk brought, settled results wait
         # here: their tasks wake up once the calls that came before the answer
         # (a cache's observe_ update, say) have started, as in Twisted.
         self._held: list[PendingResult] | None = None
-        #: Set once the connection is closed.
-        self.closed = trio.Event()
         #: Why it closed: None for EOF or a local close, else the error.
         self.close_reason: BaseException | None = None
+        # settled_events=False: this adapter reads only CallReceived (a call's result settles its
+        # PendingResult directly), so the broker queues no AnswerReceived/ErrorReceived per answer.
         self.broker = make_broker(
-            pending_factory=self._new_pending, wake_up=self._wake_up, on_output=self._output_queued, peer=peer
+            pending_factory=self._new_pending,
+            wake_up=self._wake_up,
+            on_output=self._output_queued,
+            peer=peer,
+            settled_events=False,
         )
         #: The broker's timers (handshake, keepalive, dead peer, call deadlines), polled on trio's clock.
         self.timers = ConnectionTimers(self.broker)
-        # The connection's one wake-up: the timer task sleeps in this scope until its deadline.
-        self._sleep = trio.CancelScope()
+        # The connection's one wake-up: the scope the reader waits for input in (on a TLS stream,
+        # the timer task sleeps in), whose deadline is the timers' next one.
+        self._sleep: trio.CancelScope | None = None
         self._wake_at = math.inf  # that deadline
         self._now = trio.lowlevel.current_clock().current_time  # what trio.current_time() reads
         keepalive, sock = self.broker.timeouts.tcp_keepalive, _socket_of(stream)
@@ -268,6 +334,16 @@ class Connection:
         )
 
     @property
+    def closed(self) -> trio.Event:
+        """Set once the connection is closed."""
+        event = self._closed
+        if event is None:
+            event = self._closed = trio.Event()
+            if self._ended:
+                event.set()
+        return event
+
+    @property
     def backlog(self) -> int:
         """Bytes queued for the peer and not written yet."""
         return len(self._outgoing)
@@ -276,7 +352,8 @@ class Connection:
         return len(self._outgoing)  # the dispatcher's backlog (a bound method is cheaper than the property)
 
     def _want_input(self) -> None:
-        self._input_wanted.set()
+        if self._input_wanted is not None:
+            self._input_wanted.set()
 
     def close(self) -> None:
         """Close now (unwritten bytes are dropped; pending calls fail with PBConnectionLost)."""
@@ -298,33 +375,128 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the connection until it closes (see the class docstring)."""
+        async with trio.open_nursery() as nursery:
+            await self._serve(nursery)
+
+    async def _serve(self, nursery: trio.Nursery, server: Server | None = None) -> None:
+        # This task is the reader (one function, not a stack of them: an idle connection's frames
+        # are most of what it costs); the other tasks start in *nursery*. Served (*server* given),
+        # that is the server's nursery: nothing this connection raises may reach it (an
+        # application bug, a rootObject that raises say, costs this connection only).
+        self._nursery, self._shared = nursery, server is not None
+        dispatcher, raw = self.dispatcher, self._raw
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    self.broker.connection_made()
-                    self._flush()
+            self.broker.connection_made()
+            self._flush()
+            self._poll()
+            if raw is None:
+                # A TLS (or other) stream: the timers get a task of their own. Trio's SSLStream
+                # may not be cancelled in receive_some (that leaves it unusable), so its reader
+                # cannot wait under the timers' deadline as a plain socket's does.
+                self._start(self._timer)
+            # Read until the connection stops or the broker closes itself, in a cancel scope that
+            # closing cancels (a new one only once it is: entering one costs more than a round
+            # trip's reads). On a plain socket its deadline is the timers' (a poll from any task
+            # moves it sooner: see _poll). Cancelled, the reader has read nothing: it was waiting
+            # for readability, in SocketStream's receive_some, or for the dispatcher to want input
+            # (it does not wait anywhere else: _wait_started cannot be cancelled); on its deadline
+            # it runs the timers and reads on in a new scope.
+            while not (self._stopping or self._draining):
+                if raw is None:
+                    scope = self._wait = trio.CancelScope()
+                else:
+                    scope = self._wait = self._sleep = trio.CancelScope(deadline=self._wake_at)
+                with scope:
+                    while not (self._stopping or self._draining):
+                        try:
+                            if not dispatcher.wants_input:
+                                await self._wait_to_read()  # (not called when it would return at once: the hot path)
+                            if raw is None or self._read_full:
+                                data = await self.stream.receive_some(CHUNK)  # after a full chunk, more at once
+                            else:
+                                # After a read shorter than a chunk (the socket is most likely
+                                # empty: a round trip's answer) wait until it is readable, sparing
+                                # the read that finds nothing.
+                                await trio.lowlevel.wait_readable(raw)
+                                try:
+                                    data = raw.recv(CHUNK)
+                                except (BlockingIOError, InterruptedError):
+                                    continue  # woken for nothing: wait again
+                                except OSError as error:
+                                    raise _stream_error(error) from None
+                        except _STREAM_ERRORS as error:
+                            self._stop(error)
+                            break
+                        if not data:  # EOF
+                            self._stop(None)
+                            break
+                        self._read_full = len(data) == CHUNK
+                        self._sent_at_once = False  # a new step: a hook may write at once again
+                        self._held = []
+                        try:
+                            self._flush_follows = True
+                            try:
+                                self.broker.receive_data(data)
+                            except ProtocolError as error:
+                                # The broker has closed (and logged why); drop this connection only.
+                                self._stop(error)
+                                break
+                            finally:
+                                self._flush_follows = False
+                            self._start_calls()
+                            spawned = self._unstarted
+                            if spawned:
+                                await self._wait_started()
+                        finally:
+                            self._release_held()
+                        if spawned:
+                            self._flush()  # what the async calls wrote in their first steps (else nothing came since)
+                        self._poll()
+                if scope.cancelled_caught and raw is not None and not (self._stopping or self._draining):
+                    self._wake_at = math.inf  # the timers' deadline came
                     self._poll()
-                    nursery.start_soon(self._writer)
-                    nursery.start_soon(self._timer)
-                    with self._reading:
-                        await self._reader()
-                    # The broker closed itself: what it queued before goes out, then the socket closes.
-                    with trio.move_on_after(CLOSE_TIMEOUT):
-                        await self._wait_backlog(0)
-                    self._stop(self.close_reason)
+            if not self._stopping:
+                # The broker closed itself: what it queued before goes out, then the socket closes.
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._wait_backlog(0)
+                self._stop(self.close_reason)
+        except Exception as error:
+            if server is None:
+                raise
+            # As text, not exc_info: a handler keeping records would keep the connection's frames alive.
+            log.error("the connection from %s failed; the server goes on\n%s", self.peer, describe(error))
+        except BaseException as error:
+            split = getattr(error, "split", None)  # a BaseExceptionGroup: bugs along with Cancelled
+            if split is None or server is None:
+                raise
+            bugs, rest = split(Exception)
+            if bugs is None:
+                raise
+            log.error("the connection from %s failed; the server goes on\n%s", self.peer, describe(bugs))
+            if rest is not None:
+                raise rest from None
         finally:
             self._stopping = True
+            self._cancel_tasks()
             self.broker.connection_lost(self.close_reason)  # once; pending calls fail, running ones are cancelled
-            self.broker.events()
             self._outgoing.clear()
             try:
-                await trio.aclose_forcefully(self.stream)
+                while self._tasks:  # the writer, a timer, calls: cancelled, ending
+                    ended = self._tasks_ended = trio.Event()
+                    await ended.wait()
             finally:
-                self.closed.set()
-                self._calls_done.set()
-                self._progress.set()
-                log.debug("closed the connection with %s (%s)", self.peer, self.close_reason or "no error")
+                try:
+                    await trio.aclose_forcefully(self.stream)
+                finally:
+                    self._ended = True
+                    if server is not None:
+                        server.connections.discard(self)
+                    if self._closed is not None:
+                        self._closed.set()
+                    if self._calls_done is not None:
+                        self._calls_done.set()
+                    self._made_progress()
+                    log.debug("closed the connection with %s (%s)", self.peer, self.close_reason or "no error")
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -333,8 +505,53 @@ class Connection:
             self._stopping = True
             if not self._draining:
                 self.close_reason = reason
-            self._progress.set()
-            self._scope.cancel()
+            self._made_progress()
+            self._unpark()  # the reader, waiting for calls to start: it stops now
+            self._cancel_tasks()
+
+    def _cancel_tasks(self) -> None:
+        # The reader's wait, the writer and a timer task (the calls: the dispatcher cancels
+        # them on connection_lost).
+        for scope in (self._wait, self._writer, self._sleep):
+            if scope is not None:
+                scope.cancel()
+
+    def _start(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        # A task of this connection's, counted (the connection closes once they are over).
+        assert self._nursery is not None
+        self._tasks += 1
+        self._nursery.start_soon(self._guarded, fn, *args, name=fn)
+
+    async def _guarded(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception as error:
+            if not self._shared:
+                raise  # the connection's own nursery: as from the reader
+            # In the server's nursery: a bug here costs this connection, not the server.
+            log.error("the connection with %s failed; the server goes on\n%s", self.peer, describe(error))
+            self._stop(error)
+        except BaseException as error:
+            split = getattr(error, "split", None)  # a BaseExceptionGroup: bugs along with Cancelled
+            if split is None or not self._shared:
+                raise
+            bugs, rest = split(Exception)
+            if bugs is not None:
+                log.error("the connection with %s failed; the server goes on\n%s", self.peer, describe(bugs))
+                self._stop(bugs)
+            if rest is not None:
+                raise rest from None
+        finally:
+            self._tasks -= 1
+            if not self._tasks and self._tasks_ended is not None:
+                self._tasks_ended.set()
+
+    def _made_progress(self) -> None:
+        # Output was written (or the connection stops): wake the tasks waiting for the backlog.
+        progress = self._progress
+        if progress is not None:
+            self._progress = None
+            progress.set()
 
     def _new_pending(self) -> PendingResult:
         return PendingResult(self.broker.cancel, self._settled)
@@ -379,7 +596,7 @@ class Connection:
             # output the call makes before it awaits something.
             self._flush(_TAKE)
             if self._outgoing:
-                self._wanted.set()
+                self._want_writer()
                 if self._sending and self._unpolled and not self._polling:
                     self._poll()  # the writer is in a send the peer may never take: arm a deadline now
         else:
@@ -418,18 +635,25 @@ class Connection:
                     self._sent_at_once = True
             if self._outgoing:
                 # The rest (the socket's buffer is full), a TLS stream, or behind a send in
-                # progress: the writer's (which polls the timers when it wakes).
-                self._wanted.set()
+                # progress: the writer's (which polls the timers when it starts).
+                self._want_writer()
             if mode == _HOOK and self._unpolled and not self._polling and (self._sending or not self._outgoing):
-                # Arm the deadline of the call just made now, as the writer does when it wakes:
-                # it will not wake (all is written), or not soon (it is in a send the peer may never take).
+                # Arm the deadline of the call just made now, as the writer does when it starts:
+                # it will not start (all is written), or not soon (it is in a send the peer may never take).
                 self._poll()
         if self.broker.closed and not self._draining:
             # It closed itself (the application called connection_lost, or a peer
             # went over MAX_BROKER_REFS): read no more; run() writes what is queued and closes.
             self._draining = True
             self.close_reason = self.broker.close_reason
-            self._reading.cancel()
+            if self._wait is not None:
+                self._wait.cancel()  # (if the reader is not waiting, it stops before it waits again)
+
+    def _want_writer(self) -> None:
+        # Output waits: start the writer task, unless it runs (its loop takes what was added).
+        if self._writer is None and self._nursery is not None and not self._stopping:
+            self._writer = trio.CancelScope()
+            self._start(self._write, self._writer)
 
     def _send_at_once(self, raw: socket.socket) -> None:
         # Write what the socket takes now, without a task switch; the writer is
@@ -444,23 +668,23 @@ class Connection:
             return
         if sent:
             del self._outgoing[:sent]
-            if self._backlog_waiters:
-                self._progress.set()  # as the writer does after each chunk
-                self._progress = trio.Event()
+            self._made_progress()  # as the writer does after each chunk
 
     async def _wait_backlog(self, limit: int) -> None:
         while len(self._outgoing) > limit and not self._stopping:
-            self._backlog_waiters += 1
-            try:
-                await self._progress.wait()  # the writer sets it, and replaces it, after each chunk
-            finally:
-                self._backlog_waiters -= 1
+            progress = self._progress
+            if progress is None:
+                progress = self._progress = trio.Event()
+            await progress.wait()  # set (and dropped) after each chunk written
 
     async def _wait_idle(self) -> None:
         """Wait until no call of the peer's runs and what is queued is written (or the connection stops)."""
         while not self._stopping:
             if self.dispatcher.running:
-                await self._calls_done.wait()
+                done = self._calls_done
+                if done is None:
+                    done = self._calls_done = trio.Event()
+                await done.wait()
             elif self._outgoing:
                 await self._wait_backlog(0)
             else:
@@ -471,63 +695,10 @@ class Connection:
         # drain, or as many wait as may (see pbcore.serving, back-pressure).
         while not self._stopping and not self.dispatcher.wants_input:
             wanted = self._input_wanted = trio.Event()
-            await wanted.wait()
-
-    async def _reader(self) -> None:
-        dispatcher = self.dispatcher
-        while True:
-            if not dispatcher.wants_input:
-                await self._wait_to_read()  # (not called when it would return at once: the hot path)
             try:
-                data = await self._receive()
-            except _STREAM_ERRORS as error:
-                self._stop(error)
-                return
-            if not data:  # EOF
-                self._stop(None)
-                return
-            self._sent_at_once = False  # a new step: a hook may write at once again
-            self._held = []
-            try:
-                self._flush_follows = True
-                try:
-                    self.broker.receive_data(data)
-                except ProtocolError as error:
-                    # The broker has closed (and logged why); drop this connection only.
-                    self._stop(error)
-                    return
-                finally:
-                    self._flush_follows = False
-                self._start_calls()
-                spawned = self._unstarted
-                if spawned:
-                    await self._wait_started()
+                await wanted.wait()
             finally:
-                self._release_held()
-            if spawned:
-                self._flush()  # what the async calls wrote in their first steps (else nothing came since)
-            self._poll()
-
-    async def _receive(self) -> bytes | bytearray:
-        # The next chunk (b"": EOF). On a plain socket, after a read shorter
-        # than a chunk (the socket is most likely empty: a round trip's answer)
-        # wait until it is readable before reading, sparing the read that finds
-        # nothing; after a full chunk read again at once, as trio's receive_some.
-        raw = self._raw
-        if raw is None or self._read_full:
-            data = await self.stream.receive_some(CHUNK)
-        else:
-            while True:
-                await trio.lowlevel.wait_readable(raw)
-                try:
-                    data = raw.recv(CHUNK)
-                    break
-                except (BlockingIOError, InterruptedError):
-                    continue  # woken for nothing: wait again
-                except OSError as error:
-                    raise _stream_error(error) from None
-        self._read_full = len(data) == CHUNK
-        return data
+                self._input_wanted = None
 
     def _start_calls(self) -> None:
         # A function of its own, so that no event (holding a result, which may
@@ -541,23 +712,31 @@ class Connection:
 
     async def _wait_started(self) -> None:
         # The dispatcher starts the next call once an async one has run up to its
-        # first wait: the results held wake up only once every call read has.
+        # first wait: the results held wake up only once every call read has. This
+        # wait cannot be cancelled (its abort fails; the calls take their first step
+        # soon, cancelled or not, and closing wakes it): the reader's scope, cancelled
+        # on the timers' deadline mid-chunk, stops it at its next wait for input only.
         while self._unstarted and not self._stopping:
-            await self._call_started.wait()
+            self._parked = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+
+    def _unpark(self) -> None:
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(parked)
 
     def _spawn(self, call: Coroutine[Any, Any, None]) -> Callable[[], object]:
         # The dispatcher's way to run an async call: a task of this connection's,
         # in a cancel scope of its own, the dispatcher's to cancel.
-        assert self._nursery is not None
         scope = trio.CancelScope()
-        self._nursery.start_soon(self._run_call, call, scope)
+        self._start(self._run_call, call, scope)
         self._unstarted += 1
         return scope.cancel
 
     async def _run_call(self, call: Coroutine[Any, Any, None], scope: trio.CancelScope) -> None:
         self._unstarted -= 1
-        self._call_started.set()  # the reader runs after this step, when the call has reached its first wait
-        self._call_started = trio.Event()
+        self._unpark()  # the reader, if it waits: it runs after this step, when the call has reached its first wait
         _CALL_OF.set(self)  # this task's own (trio gives each task a copy of the context)
         try:
             with scope:
@@ -566,9 +745,10 @@ class Connection:
             # The answer, taken while the call ran: written at once now that the dispatcher
             # is done with it (it logs a failure after queueing the error answer).
             self._flush()
-            if not self.dispatcher.running:
-                self._calls_done.set()
-                self._calls_done = trio.Event()
+            done = self._calls_done
+            if done is not None and not self.dispatcher.running:
+                self._calls_done = None
+                done.set()
 
     def _poll(self) -> None:
         # Run the timers now. A deadline sooner than the wake-up's moves it; a
@@ -583,46 +763,60 @@ class Connection:
         finally:
             self._polling = False
         if deadline is not None and deadline < self._wake_at:
-            self._wake_at = self._sleep.deadline = deadline
+            self._wake_at = deadline
+            if self._sleep is not None:
+                self._sleep.deadline = deadline  # the reader's (or the timer task's) wait, if it waits
 
     async def _timer(self) -> None:
-        # Cancelled with the connection's nursery when it closes.
-        while True:
-            with self._sleep:
+        # A TLS stream's (see _serve); cancelled through _sleep when the connection stops.
+        while not self._stopping:
+            with trio.CancelScope(deadline=self._wake_at) as scope:
+                self._sleep = scope
                 await trio.sleep_forever()  # until the deadline
-            self._sleep, self._wake_at = trio.CancelScope(), math.inf
-            self._poll()
+            self._wake_at = math.inf
+            if not self._stopping:
+                self._poll()
 
-    async def _writer(self) -> None:
-        while True:
-            await self._wanted.wait()
-            self._wanted = trio.Event()
+    async def _write(self, scope: trio.CancelScope) -> None:
+        # The writer task: started when output waits for the socket, over once it is all written.
+        _CALL_OF.set(None)  # started from a call's task, maybe: this one is not a call
+        try:
             self._sent_at_once = False
             if self._unpolled:
-                # New output (the output hook woke us), and no poll since: arm the
-                # deadlines of the calls just made. Once, here, for a batch of output.
+                # New output, and no poll since: arm the deadlines of the calls just made.
+                # Once, here, for a batch of output.
                 self._poll()
-            while self._outgoing:
-                chunk = self._outgoing[: self._high_water]  # a large message in one send
-                self._sending = True
-                try:
-                    await self.stream.send_all(chunk)
-                except _STREAM_ERRORS as error:
-                    self._stop(error)
-                    return
-                finally:
-                    self._sending = False
-                del self._outgoing[: len(chunk)]
-                self._progress.set()
-                self._progress = trio.Event()
-                if self.dispatcher.queued:
-                    # Start the calls that waited for the output to drain (their answers, if plain, join
-                    # _outgoing now and go out in this loop).
-                    self.dispatcher.resume()
+            with scope:
+                while self._outgoing:
+                    chunk = self._outgoing[: self._high_water]  # a large message in one send
+                    self._sending = True
+                    try:
+                        await self.stream.send_all(chunk)
+                    except _STREAM_ERRORS as error:
+                        self._stop(error)
+                        return
+                    finally:
+                        self._sending = False
+                    del self._outgoing[: len(chunk)]
+                    self._made_progress()
+                    if self.dispatcher.queued:
+                        # Start the calls that waited for the output to drain (their answers, if plain, join
+                        # _outgoing now and go out in this loop).
+                        self.dispatcher.resume()
+        finally:
+            self._writer = None
 
 
 #: How :meth:`Connection._flush` is called: from the output hook, or only to take the output.
 _HOOK, _TAKE = 1, 2
+
+
+def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
+#: The name of a served connection's task (a string given: trio makes none per task).
+_CONNECTION = "pbcore_trio.connection"
 #: In the task of a served call: the connection whose call it is.
 _CALL_OF: contextvars.ContextVar[Connection | None] = contextvars.ContextVar("pbcore_trio_call_of", default=None)
 
@@ -767,38 +961,23 @@ class Server:
                 if self._grace is not None or self._nursery is None:
                     await trio.aclose_forcefully(stream)
                     return
-                self._nursery.start_soon(self._serve_connection, stream)
+                self._serve_connection(self._nursery, stream)
         finally:
             await trio.aclose_forcefully(listener)
 
-    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
-        # Nothing this connection raises may reach the server's nursery: an
-        # application bug (a rootObject that raises, say) costs this connection only.
+    def _serve_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
+        # The connection's reader is a task of the server's nursery (no nursery per connection),
+        # which keeps what the connection raises from the server (see Connection._serve).
         peer = _peer_of(stream)
-        connection: Connection | None = None
+        log.debug("accepted a connection from %s", peer)
         try:
-            log.debug("accepted a connection from %s", peer)
             connection = Connection(stream, self._factory.make_broker, peer)
-            self.connections.add(connection)
-            await connection.run()
-        except Exception as error:
-            # As text, not exc_info: a handler keeping records would keep the connection's frames alive.
+        except Exception as error:  # the application's make_broker, say
             log.error("the connection from %s failed; the server goes on\n%s", peer, describe(error))
-        except BaseException as error:
-            split = getattr(error, "split", None)  # a BaseExceptionGroup: bugs along with Cancelled
-            if split is None:
-                raise
-            bugs, rest = split(Exception)
-            if bugs is None:
-                raise
-            log.error("the connection from %s failed; the server goes on\n%s", peer, describe(bugs))
-            if rest is not None:
-                raise rest from None
-        finally:
-            if connection is None:
-                await trio.aclose_forcefully(stream)
-            else:
-                self.connections.discard(connection)
+            nursery.start_soon(trio.aclose_forcefully, stream, name=_CONNECTION)
+            return
+        self.connections.add(connection)
+        nursery.start_soon(connection._serve, nursery, self, name=_CONNECTION)
 
     async def _shut(self, grace: trio.CancelScope) -> None:
         with grace:

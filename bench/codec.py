@@ -139,7 +139,7 @@ class PbcoreCodec:
 
     def __init__(self) -> None:
         self._encoder = pb_banana.Encoder(b"pb")
-        self._decoder = pb_banana.Decoder(b"pb")
+        self._decoder = pb_banana.Decoder(b"pb", untracked=True)  # as the broker and loads decode
         self._fused = ValueEncoder(b"pb")
 
     def encode(self, value: Any) -> bytes:

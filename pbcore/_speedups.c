@@ -131,6 +131,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *dialect;
     int is_pb;
+    int untracked;       /* the lists made are not tracked by the cycle collector */
     PyObject *limits;
     long long prefix_limit, size_limit, max_depth, max_bytes, max_decoded;
     PyObject *prefix_limit_o, *size_limit_o, *max_depth_o, *max_bytes_o, *max_decoded_o;
@@ -205,14 +206,16 @@ decoder_clear_stack(Decoder *self)
 static int
 decoder_init(Decoder *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"dialect", "limits", NULL};
+    static char *kwlist[] = {"dialect", "limits", "untracked", NULL};
     PyObject *dialect = PbDialect, *limits = DefaultLimits;
+    int untracked = 0;
     if (!configured()) {
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO:Decoder", kwlist, &dialect, &limits)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO$p:Decoder", kwlist, &dialect, &limits, &untracked)) {
         return -1;
     }
+    self->untracked = untracked;
     if (check_dialect(dialect) < 0 || decoder_set_dialect_obj(self, dialect) < 0 ||
         decoder_set_limits_obj(self, limits) < 0) {
         return -1;
@@ -350,6 +353,9 @@ decoder_push(Decoder *self, long long want)
     PyObject *items = PyList_New(0);
     if (items == NULL) {
         return -1;
+    }
+    if (self->untracked) {
+        PyObject_GC_UnTrack(items);
     }
     self->stack[self->depth].items = items;
     self->stack[self->depth].want = want;
@@ -545,6 +551,9 @@ decoder_parse(Decoder *self, PyObject *bufobj, Py_ssize_t pos, PyObject **result
             item = PyList_New(0);
             if (item == NULL) {
                 goto done;
+            }
+            if (self->untracked) {
+                PyObject_GC_UnTrack(item);
             }
             cost += LIST_COST;
             if (cost > max_decoded) {

@@ -361,9 +361,17 @@ class PyDecoder:
     Expressions are handed out one at a time so that a caller can change
     :attr:`dialect` between two of them (PB's handshake does). After a
     :class:`BananaError` the stream is unusable: every later call raises again.
+
+    *untracked* is for a caller that reads each expression and lets it go, as
+    the broker and :func:`pbcore.codec.loads` do: the compiled decoder then
+    makes lists that the cycle collector does not track, which takes the
+    collector's passes over them off the decoding of a large message (a
+    fresh s-expression is a tree of atoms, so it cannot be part of a cycle;
+    one that a caller mutates into a cycle would never be collected). The
+    pure decoder cannot untrack objects and ignores it.
     """
 
-    def __init__(self, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, dialect: bytes = b"pb", limits: Limits = DEFAULT_LIMITS, *, untracked: bool = False) -> None:
         self.dialect = _check_dialect(dialect)
         self.limits = limits
         self._buf = b""

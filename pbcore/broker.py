@@ -283,7 +283,7 @@ class Broker:
         self.ready = False
         self.closed = False
         self.close_reason: BaseException | None = None
-        self._decoder = Decoder(b"none", limits)
+        self._decoder = Decoder(b"none", limits, untracked=True)
         self._encoders, self._plain, self._read_plain = _encoders(limits, security)
         self._out = bytearray()
         self._events: list[Event] = []

@@ -413,7 +413,7 @@ def loads(
     handlers: dict[bytes, Handler] | None = None,
 ) -> Any:
     """Decode exactly one expression from *data* and unjelly it."""
-    decoder = Decoder(dialect, limits)
+    decoder = Decoder(dialect, limits, untracked=True)
     decoder.feed(data)
     sexp = decoder.next_expression()
     if sexp is None or not decoder.at_boundary:

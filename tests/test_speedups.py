@@ -292,6 +292,48 @@ def test_vocabulary_words_are_the_shared_objects() -> None:
     assert other == b"versio" and type(other) is bytes
 
 
+def lists_in(sexp: Any) -> list[list[Any]]:
+    """Every list of an s-expression, itself first."""
+    if type(sexp) is not list:
+        return []
+    return [sexp, *(inner for item in sexp for inner in lists_in(item))]
+
+
+@given(sexp=sexps, dialect=st.sampled_from(DIALECTS))
+def test_an_untracked_decoder_gives_the_same_expressions_untracked(sexp: Any, dialect: bytes) -> None:
+    blob = PyEncoder(dialect, ROOMY).encode(sexp)
+
+    def decode(decoder: Any) -> Any:
+        decoder.feed(blob[:3])  # lists left open across feeds are untracked too
+        decoder.feed(blob[3:])
+        return decoder.next_expression()
+
+    untracked = decode(CDecoder(dialect, ROOMY, untracked=True))
+    tracked = decode(CDecoder(dialect, ROOMY))
+    pure = decode(PyDecoder(dialect, ROOMY, untracked=True))  # accepted, and changes nothing
+    assert canonical(untracked) == canonical(tracked) == canonical(pure)
+    assert not any(gc.is_tracked(item) for item in lists_in(untracked))
+    assert all(gc.is_tracked(item) for item in lists_in(tracked))
+    assert all(gc.is_tracked(item) for item in lists_in(pure))
+
+
+def test_loads_and_the_broker_decode_untracked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both read each expression and let it go: the collector need not walk what they decode.
+    from pbcore import broker, codec  # noqa: PLC0415
+
+    asked: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        return CDecoder(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "Decoder", spy)
+    monkeypatch.setattr(broker, "Decoder", spy)
+    assert codec.loads(codec.dumps([{"a": [1, 2]}])) == [{"a": [1, 2]}]
+    broker.Broker(is_client=False)
+    assert asked == [{"untracked": True}, {"untracked": True}]
+
+
 BOUNDARY_STREAMS = [
     banana.encode([b"abcdefgh", [1, [2, [3, [4, []]]]], 2**60, -(2**100), 1.5], limits=ROOMY),
     banana.encode([[[]] * 5, [[1, 2]] * 3, b"x" * 20, [b"y" * 10] * 4], limits=ROOMY),
